@@ -1,0 +1,46 @@
+"""The error kinds a record's ``error`` field may hold.
+
+Every failure a URL can meet is named here, once. Layers below the pipeline
+translate their own exceptions into one of these kinds at their boundary
+(``fetch.py`` for the network, ``imaging.py`` for decoding), so nothing above
+them needs to know about aiohttp or Pillow exceptions.
+
+HTTP statuses are open-ended, so they are spelled ``http_<status>`` by
+:func:`http_error` rather than enumerated.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    INVALID_URL = "invalid_url"
+    TIMEOUT = "timeout"
+    DNS = "dns"
+    CONNECTION = "connection"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    TOO_LARGE = "too_large"
+    TRUNCATED = "truncated"
+    NOT_AN_IMAGE = "not_an_image"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    WORKER_CRASHED = "worker_crashed"
+    STORAGE = "storage"
+    INTERNAL = "internal"
+
+
+def http_error(status: int) -> str:
+    return f"http_{status}"
+
+
+class CrawlError(Exception):
+    """An expected failure of one URL, carrying its kind.
+
+    Raised inside a layer and turned into a ``Failure`` value at its edge;
+    it never escapes the handling of a single URL.
+    """
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+        self.detail = detail

@@ -1,0 +1,84 @@
+"""The process pool: where decode, thumbnail and hash run, off the event loop.
+
+The pool is started with an explicit start method (forkserver by default: a
+process that already runs an event loop and threads must not be forked), a
+``max_tasks_per_child`` that bounds what a leaky decoder can accumulate, and
+an initializer that sets Pillow's limits in each worker.
+
+``ImagePool`` joins the two halves with ``loop.run_in_executor``. A worker
+killed by the OS breaks a ``ProcessPoolExecutor`` for everyone; we rebuild it
+and resubmit, and an input that breaks it twice is failed as ``worker_crashed``.
+Any ``Executor`` can be injected instead (a thread or inline executor inside a
+cluster worker, where daemonic processes cannot start a pool of their own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from crawler import imaging
+from crawler.errors import ErrorKind
+from crawler.models import Failure, ImageJob, ImageResult
+from crawler.settings import PoolSettings
+
+log = logging.getLogger(__name__)
+
+
+def make_executor(settings: PoolSettings, max_pixels: int) -> ProcessPoolExecutor:
+    context = multiprocessing.get_context(settings.start_method)
+    if settings.start_method == "forkserver":
+        # Workers forked from a server that has already imported Pillow and numpy
+        # start in milliseconds instead of re-importing them each time.
+        context.set_forkserver_preload(["crawler.imaging"])
+    return ProcessPoolExecutor(
+        max_workers=settings.size,
+        mp_context=context,
+        initializer=imaging.init_worker,
+        initargs=(max_pixels,),
+        # Not allowed with fork, where workers are never replaced anyway.
+        max_tasks_per_child=None
+        if settings.start_method == "fork"
+        else settings.max_tasks_per_child,
+    )
+
+
+class ImagePool:
+    def __init__(self, executor: Executor, factory: Callable[[], Executor] | None = None) -> None:
+        self._executor = executor
+        self._factory = factory
+        self.rebuilds = 0
+
+    @classmethod
+    def from_settings(cls, settings: PoolSettings, max_pixels: int) -> ImagePool:
+        def factory() -> Executor:
+            return make_executor(settings, max_pixels)
+
+        return cls(factory(), factory)
+
+    async def process(self, job: ImageJob) -> ImageResult | Failure:
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            executor = self._executor
+            try:
+                return await loop.run_in_executor(executor, imaging.process, job)
+            except BrokenProcessPool:
+                if self._factory is None:
+                    break
+                self._rebuild(executor)
+        return Failure(ErrorKind.WORKER_CRASHED, "an image worker died while processing this image")
+
+    def _rebuild(self, broken: Executor) -> None:
+        # Every task in flight sees the same broken executor; only the first rebuilds.
+        if self._executor is broken and self._factory is not None:
+            log.warning("image worker died; restarting the process pool")
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._factory()
+            self.rebuilds += 1
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)

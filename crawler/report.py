@@ -1,0 +1,118 @@
+"""Counting what happened, the live progress line, and the closing summary."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from crawler.models import Record
+
+
+@dataclass
+class Stats:
+    """Mutable counters, owned and updated by the pipeline on the event loop."""
+
+    started: float = field(default_factory=time.monotonic)
+    total: int | None = None
+    by_status: Counter[str] = field(default_factory=Counter)
+    by_error: Counter[str] = field(default_factory=Counter)
+    bytes: int = 0
+    stored: int = 0
+    duplicates: int = 0
+
+    def add(self, record: Record) -> None:
+        self.by_status[record.status] += 1
+        if record.error:
+            self.by_error[record.error] += 1
+        if record.status == "ok":
+            self.stored += record.duplicate_of is None
+            self.duplicates += record.duplicate_of is not None
+        self.bytes += record.bytes or 0
+
+    @property
+    def done(self) -> int:
+        return sum(self.by_status.values())
+
+    def summary(self) -> Summary:
+        return Summary(
+            total=self.done,
+            by_status=dict(self.by_status),
+            by_error=dict(self.by_error.most_common()),
+            bytes=self.bytes,
+            stored=self.stored,
+            duplicates=self.duplicates,
+            seconds=time.monotonic() - self.started,
+        )
+
+
+@dataclass(frozen=True)
+class Summary:
+    total: int
+    by_status: dict[str, int]
+    by_error: dict[str, int]
+    bytes: int
+    stored: int
+    duplicates: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.by_status.get("ok", 0) / self.seconds if self.seconds > 0 else 0.0
+
+    def render(self) -> str:
+        statuses = ", ".join(f"{n} {s}" for s, n in sorted(self.by_status.items())) or "nothing"
+        lines = [
+            f"crawled {self.total} URLs in {self.seconds:.1f}s: {statuses}",
+            f"  {self.images_per_second:.1f} images/s, {_mb(self.bytes)} fetched, "
+            f"{self.stored} new files, {self.duplicates} duplicates",
+        ]
+        if self.by_error:
+            errors = ", ".join(f"{kind} {n}" for kind, n in self.by_error.items())
+            lines.append(f"  errors: {errors}")
+        return "\n".join(lines)
+
+
+class Progress:
+    """A single self-overwriting status line on an interactive stderr; silent otherwise."""
+
+    def __init__(self, stats: Stats, stream: TextIO = sys.stderr, enabled: bool = True) -> None:
+        self._stats = stats
+        self._stream = stream
+        self.enabled = enabled and stream.isatty()
+
+    async def run(self, interval: float = 0.5) -> None:
+        if not self.enabled:
+            return
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                self._stream.write("\r\x1b[K" + self.line())
+                self._stream.flush()
+        finally:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+    def line(self) -> str:
+        s = self._stats
+        elapsed = max(time.monotonic() - s.started, 1e-9)
+        rate = s.done / elapsed
+        failed = s.by_status.get("failed", 0)
+        if s.total:
+            left = max(s.total - s.done, 0)
+            eta = _duration(left / rate) if rate > 0 else "?"
+            return f"{s.done}/{s.total} URLs  {rate:.1f}/s  {failed} failed  ETA {eta}"
+        return f"{s.done} URLs  {rate:.1f}/s  {failed} failed"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

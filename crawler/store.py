@@ -1,0 +1,70 @@
+"""Content-addressed storage with atomic writes.
+
+Originals live at ``images/ab/cd/<sha256>.<ext>``, thumbnails at
+``thumbs/<size>/ab/cd/<sha256>.<ext>``. A file is written under a temporary
+name in its final directory and renamed into place, so a reader (or a crawl
+resumed after a crash) never sees half an image: the name exists only once
+the whole content does. Since the name is the content's hash, a path that
+already exists needs no second write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+
+from crawler.models import ImageResult
+
+TMP_PREFIX = ".tmp-"
+
+
+def image_path(sha256: str, ext: str) -> str:
+    return f"images/{sha256[:2]}/{sha256[2:4]}/{sha256}.{ext}"
+
+
+def thumb_path(size: int, sha256: str, ext: str) -> str:
+    return f"thumbs/{size}/{sha256[:2]}/{sha256[2:4]}/{sha256}.{ext}"
+
+
+class Store:
+    def __init__(self, root: Path, thumb_ext: str) -> None:
+        self.root = root
+        self.thumb_ext = thumb_ext
+        self._dirs: set[Path] = set()
+
+    def paths(self, result: ImageResult) -> tuple[str, dict[str, str]]:
+        """Relative paths of the original and of each thumbnail, keyed by size."""
+        thumbs = {
+            str(size): thumb_path(size, result.sha256, self.thumb_ext)
+            for size, _ in result.thumbnails
+        }
+        return image_path(result.sha256, result.ext), thumbs
+
+    async def save(self, result: ImageResult, body: bytes) -> tuple[str, dict[str, str]]:
+        """Write the original and its thumbnails (those not already there). Raises OSError."""
+        original, thumbs = self.paths(result)
+        await self._put(original, body)
+        for size, data in result.thumbnails:
+            await self._put(thumbs[str(size)], data)
+        return original, thumbs
+
+    async def _put(self, relative: str, data: bytes) -> None:
+        path = self.root / relative
+        if await aiofiles.os.path.exists(path):
+            return
+        if path.parent not in self._dirs:
+            await aiofiles.os.makedirs(path.parent, exist_ok=True)
+            self._dirs.add(path.parent)
+        tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
+        try:
+            async with aiofiles.open(tmp, "wb") as fh:
+                await fh.write(data)
+            await aiofiles.os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                await aiofiles.os.remove(tmp)
+            raise
