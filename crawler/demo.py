@@ -39,7 +39,7 @@ class _Server(threading.Thread):
         self.port = 0
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
+        self._shutdown: asyncio.Event | None = None
 
     def run(self) -> None:
         self._loop.run_until_complete(self._serve())
@@ -52,9 +52,9 @@ class _Server(threading.Thread):
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         self.port = runner.addresses[0][1]
-        self._stop = asyncio.Event()
+        self._shutdown = asyncio.Event()
         self._ready.set()
-        await self._stop.wait()
+        await self._shutdown.wait()
         await runner.cleanup()
 
     def __enter__(self) -> _Server:
@@ -63,8 +63,8 @@ class _Server(threading.Thread):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._shutdown is not None:
+            self._loop.call_soon_threadsafe(self._shutdown.set)
         self.join(10)
 
 
