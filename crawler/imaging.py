@@ -6,9 +6,9 @@ builtins: an exception escaping a worker would either break the pool or need
 our classes to unpickle in the parent.
 
 Speed comes from never touching more pixels than the output needs: JPEGs are
-decoded at a reduced scale, everything after the decode (orientation,
-alpha flattening, the perceptual hash, the smaller thumbnails) works on an
-image no bigger than the largest thumbnail.
+decoded at a reduced scale; after one mode conversion and one resize to the
+largest thumbnail, everything else (orientation, alpha flattening, the
+perceptual hash, the smaller thumbnails) works on that small image.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def process(job: ImageJob) -> ImageResult | Failure:
     except _BOMB_ERRORS as exc:
         return _failure(ErrorKind.DECOMPRESSION_BOMB, str(exc))
     except MemoryError as exc:
-        # Listed on its own so nobody "narrows" the catch-all below and lets
-        # a huge-but-allowed image take the worker down.
+        # Spelled out because an allowed but huge image can cause it: it must
+        # cost that one image, never the worker, whatever happens to the line below.
         return _failure(ErrorKind.INTERNAL, f"MemoryError: {exc}")
     except Exception as exc:
         return _failure(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}")
