@@ -78,7 +78,7 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     flags = {
         ("crawl", "out"): args.out,
         ("crawl", "concurrency"): args.concurrency,
-        ("crawl", "per_host"): args.per_host,
+        ("hosts", "per_host"): args.per_host,
         ("pool", "workers"): args.workers,
         ("image", "thumb_sizes"): args.thumb_size,
         ("image", "thumb_format"): args.thumb_format,

@@ -24,9 +24,25 @@ class ErrorKind(StrEnum):
     TRUNCATED = "truncated"
     NOT_AN_IMAGE = "not_an_image"
     DECOMPRESSION_BOMB = "decompression_bomb"
+    TOO_SMALL = "too_small"
+    BAD_ASPECT_RATIO = "bad_aspect_ratio"
+    RATE_LIMITED = "rate_limited"
+    HOST_UNREACHABLE = "host_unreachable"
+    ROBOTS = "robots"
+    OPT_OUT = "opt_out"
     WORKER_CRASHED = "worker_crashed"
     STORAGE = "storage"
     INTERNAL = "internal"
+
+
+# Kinds that mean "we chose not to fetch": the record is ``skipped``, not ``failed``.
+SKIP_KINDS = frozenset({ErrorKind.ROBOTS, ErrorKind.OPT_OUT})
+# Kinds worth another attempt; HTTP statuses are decided by ``retryable_status``.
+RETRYABLE_KINDS = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.TRUNCATED})
+
+
+def retryable_status(status: int) -> bool:
+    return status in (408, 429) or 500 <= status <= 599
 
 
 def http_error(status: int) -> str:

@@ -1,49 +1,73 @@
 """The network edge: the only module that imports aiohttp's client.
 
-Every aiohttp or socket exception is turned into an error kind here, so the
-rest of the crawler deals in ``Fetched`` / ``FetchFailed`` values only.
-One ``ClientSession`` serves the whole crawl; it is created inside the
-running loop (``async with Fetcher(...)``) and bounded in total and per host.
+``Fetcher.attempt`` makes one request and turns whatever happens into a
+``Fetched`` or a ``FetchFailed`` value; every aiohttp or socket exception is
+translated here. What to do next (retry, back off, trip a breaker) is the
+pipeline's and the host scheduler's business.
+
+Each attempt is bounded on every side: a connect timeout, a per-read timeout,
+a minimum average transfer rate after a grace period (so a server dripping one
+byte just under the read timeout is still cut off), and a total deadline that
+wraps the whole attempt (the watchdog: nothing stays in flight past it). The
+body is streamed and cut as soon as it passes ``max_bytes`` (counted after
+decompression), and it is sniffed as it arrives: bytes that are not an allowed
+image format, or whose header declares a bomb or a too-small image, end the
+download early.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import time
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from types import TracebackType
 
 import aiohttp
+from multidict import CIMultiDictProxy
 
 from crawler.errors import ErrorKind, http_error
 from crawler.models import Failure, Fetched, FetchFailed
-from crawler.settings import CrawlSettings, FetchSettings
+from crawler.probe import SNIFF_BYTES, Limits, check_geometry, dimensions, sniff
+from crawler.settings import Settings
 
-CHUNK = 256 * 1024
-_RETRYABLE_KINDS = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.TRUNCATED})
-_RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+CHUNK = 64 * 1024
+PROBE_LIMIT = 1024 * 1024  # stop looking for a header after this many bytes
+ROBOTS_MAX_BYTES = 512 * 1024
 
 
 class Fetcher:
-    def __init__(self, fetch: FetchSettings, crawl: CrawlSettings) -> None:
-        self._cfg = fetch
-        self._crawl = crawl
+    def __init__(self, settings: Settings) -> None:
+        self._cfg = settings.fetch
+        self._hosts = settings.hosts
+        self._slots = settings.crawl.concurrency
+        image = settings.image
+        self._formats = frozenset(image.formats)
+        self._limits = Limits(
+            image.max_pixels, image.min_width, image.min_height, image.max_aspect_ratio
+        )
+        self._opt_out = frozenset(t.lower() for t in self._hosts.opt_out_tags)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Fetcher:
+        # Our scheduler keeps requests within these limits, so the connector
+        # never makes a request wait (and spend its deadline) for a connection.
         connector = aiohttp.TCPConnector(
-            limit=self._crawl.concurrency,
-            limit_per_host=self._crawl.per_host,
+            limit=self._slots + 16,  # + robots.txt fetches
+            limit_per_host=self._hosts.per_host + 1,
             ttl_dns_cache=self._cfg.ttl_dns_cache,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(
-                total=self._cfg.total_timeout,
-                sock_connect=self._cfg.connect_timeout,
-                sock_read=self._cfg.read_timeout,
+                total=None, sock_connect=self._cfg.connect_timeout, sock_read=self._cfg.read_timeout
             ),
-            headers={"User-Agent": self._cfg.user_agent, "Accept": "image/*,*/*;q=0.5"},
-            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={
+                "User-Agent": self._cfg.user_agent,
+                "Accept": "image/avif,image/webp,image/*;q=0.9,*/*;q=0.5",
+                **self._cfg.headers,
+            },
+            cookie_jar=None if self._cfg.cookies else aiohttp.DummyCookieJar(),
             trust_env=False,
         )
         return self
@@ -57,57 +81,144 @@ class Fetcher:
         if self._session is not None:
             await self._session.close()
 
-    async def fetch(self, url: str) -> Fetched | FetchFailed:
-        """Fetch one URL, retrying transient failures with full-jitter backoff."""
-        attempt = 0
-        while True:
-            attempt += 1
-            result = await self._attempt(url, attempt)
-            if isinstance(result, Fetched) or attempt >= self._cfg.max_attempts:
-                return result
-            if not _retryable(result):
-                return result
-            await asyncio.sleep(self._backoff(attempt))
-
-    async def _attempt(self, url: str, attempt: int) -> Fetched | FetchFailed:
-        assert self._session is not None, "use Fetcher as an async context manager"
-        final_url: str | None = None
-        status: int | None = None
+    async def attempt(self, url: str) -> Fetched | FetchFailed:
+        """One request for ``url``, within the total deadline."""
+        state = _Progress()
         try:
-            async with self._session.get(url, max_redirects=self._cfg.max_redirects) as resp:
-                final_url, status = str(resp.url), resp.status
-                if not 200 <= status < 300:
-                    return FetchFailed(
-                        Failure(http_error(status), resp.reason or ""), final_url, status, attempt
-                    )
-                if (resp.content_length or 0) > self._cfg.max_bytes:
-                    detail = (
-                        f"Content-Length {resp.content_length} > max_bytes {self._cfg.max_bytes}"
-                    )
-                    return FetchFailed(
-                        Failure(ErrorKind.TOO_LARGE, detail), final_url, status, attempt
-                    )
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(CHUNK):
-                    body += chunk
-                    if len(body) > self._cfg.max_bytes:
-                        detail = f"body over max_bytes {self._cfg.max_bytes}"
-                        return FetchFailed(
-                            Failure(ErrorKind.TOO_LARGE, detail), final_url, status, attempt
-                        )
-                return Fetched(bytes(body), final_url, status, resp.content_type or None, attempt)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return FetchFailed(classify(exc), final_url, status, attempt)
-
-    def _backoff(self, attempt: int) -> float:
-        return random.uniform(
-            0, min(self._cfg.backoff_max, self._cfg.backoff_base * 2 ** (attempt - 1))
+            async with asyncio.timeout(self._cfg.total_timeout):
+                return await self._get(url, state)
+        except TimeoutError:
+            failure = Failure(
+                ErrorKind.TIMEOUT, f"no complete response within {self._cfg.total_timeout:g}s"
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            failure = classify(exc)
+        return FetchFailed(
+            failure,
+            state.final_url,
+            state.status,
+            unreachable=state.status is None and _unreachable(failure, state),
         )
+
+    async def robots_txt(self, url: str) -> tuple[int, str] | None:
+        """``(status, text)`` of a robots.txt, or None if it could not be had in time."""
+        assert self._session is not None
+        try:
+            async with asyncio.timeout(self._hosts.robots_timeout):
+                async with self._session.get(url, max_redirects=self._cfg.max_redirects) as resp:
+                    body = await resp.content.read(ROBOTS_MAX_BYTES)
+                    return resp.status, body.decode("utf-8", errors="replace")
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return None
+
+    async def _get(self, url: str, state: _Progress) -> Fetched | FetchFailed:
+        assert self._session is not None, "use Fetcher as an async context manager"
+        async with self._session.get(url, max_redirects=self._cfg.max_redirects) as resp:
+            state.final_url, state.status = str(resp.url), resp.status
+            ctype = resp.content_type if resp.headers.get("Content-Type") else None
+
+            def failed(kind: str, detail: str, retry_after: float | None = None) -> FetchFailed:
+                return FetchFailed(
+                    Failure(kind, detail), state.final_url, resp.status, ctype, retry_after
+                )
+
+            if not 200 <= resp.status < 300:
+                return failed(http_error(resp.status), resp.reason or "", retry_after(resp.headers))
+            if tags := self._opted_out(resp.headers):
+                return failed(ErrorKind.OPT_OUT, f"X-Robots-Tag: {tags}")
+            length = resp.content_length
+            if length is not None and length > self._cfg.max_bytes:
+                return failed(
+                    ErrorKind.TOO_LARGE,
+                    f"Content-Length {length} > max_bytes {self._cfg.max_bytes}",
+                )
+
+            body = bytearray()
+            fmt: str | None = None
+            sized = False
+            started = time.monotonic()
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                body += chunk
+                if len(body) > self._cfg.max_bytes:
+                    return failed(ErrorKind.TOO_LARGE, f"body over max_bytes {self._cfg.max_bytes}")
+                if fmt is None and len(body) >= SNIFF_BYTES:
+                    fmt = sniff(bytes(body[:SNIFF_BYTES]))
+                    if problem := self._unwanted(fmt, ctype):
+                        return failed(ErrorKind.NOT_AN_IMAGE, problem)
+                if fmt is not None and not sized and len(body) <= PROBE_LIMIT:
+                    sized, problem_failure = self._check_header(body, fmt)
+                    if problem_failure is not None:
+                        return failed(problem_failure.kind, problem_failure.detail)
+                elapsed = time.monotonic() - started
+                if elapsed > self._cfg.min_rate_grace and len(body) / elapsed < self._cfg.min_rate:
+                    rate = len(body) / elapsed
+                    return failed(
+                        ErrorKind.TIMEOUT,
+                        f"transfer at {rate:.0f} B/s, below min_rate {self._cfg.min_rate}",
+                    )
+            if fmt is None:
+                fmt = sniff(bytes(body[:SNIFF_BYTES]))
+                if problem := self._unwanted(fmt, ctype):
+                    return failed(ErrorKind.NOT_AN_IMAGE, problem)
+            assert fmt is not None
+            return Fetched(
+                bytes(body), state.final_url, resp.status, ctype, fmt, _type_note(ctype, fmt)
+            )
+
+    def _unwanted(self, fmt: str | None, ctype: str | None) -> str | None:
+        if fmt is None:
+            return f"the bytes are not an image (Content-Type {ctype or 'missing'})"
+        if fmt not in self._formats:
+            return f"{fmt} is not an allowed format"
+        return None
+
+    def _check_header(self, body: bytearray, fmt: str) -> tuple[bool, Failure | None]:
+        size = dimensions(bytes(body), fmt)
+        if size is None:
+            return False, None
+        return True, check_geometry(size[0], size[1], self._limits)
+
+    def _opted_out(self, headers: CIMultiDictProxy[str]) -> str:
+        if not self._hosts.respect_opt_out:
+            return ""
+        found = []
+        for value in headers.getall("X-Robots-Tag", ()):
+            # "noai, noimageai" or "otherbot: noindex": directives after an optional agent name
+            _, _, directives = value.rpartition(":") if ":" in value else ("", "", value)
+            found += [
+                d.strip().lower()
+                for d in directives.split(",")
+                if d.strip().lower() in self._opt_out
+            ]
+        return ", ".join(found)
+
+
+class _Progress:
+    """How far an attempt got, for the record of one that fails midway."""
+
+    final_url: str | None = None
+    status: int | None = None
+
+
+def retry_after(headers: CIMultiDictProxy[str]) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP-date), None if absent or bad."""
+    value = headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def classify(exc: BaseException) -> Failure:
     """Map a client-side exception to an error kind (order matters: subclasses first)."""
-    detail = str(exc) or type(exc).__name__
+    detail = (str(exc) or type(exc).__name__)[:300]
     kind: ErrorKind
     if isinstance(exc, TimeoutError):
         kind = ErrorKind.TIMEOUT
@@ -121,10 +232,27 @@ def classify(exc: BaseException) -> Failure:
         kind = ErrorKind.TRUNCATED
     else:
         kind = ErrorKind.CONNECTION
-    return Failure(kind, detail[:300])
+    return Failure(kind, detail)
 
 
-def _retryable(result: FetchFailed) -> bool:
-    if result.failure.kind in _RETRYABLE_KINDS:
-        return True
-    return result.http_status in _RETRYABLE_STATUSES and result.failure.kind.startswith("http_")
+def _unreachable(failure: Failure, state: _Progress) -> bool:
+    return failure.kind in (ErrorKind.CONNECTION, ErrorKind.DNS) or (
+        failure.kind == ErrorKind.TIMEOUT and state.final_url is None
+    )
+
+
+def _type_note(ctype: str | None, fmt: str) -> str | None:
+    """A note when the server's Content-Type disagrees with what the bytes are."""
+    expected = {
+        "JPEG": "jpeg",
+        "PNG": "png",
+        "GIF": "gif",
+        "WEBP": "webp",
+        "BMP": "bmp",
+        "TIFF": "tiff",
+    }
+    if ctype is None:
+        return f"no Content-Type; the bytes are {fmt}"
+    if not ctype.startswith("image/") or expected.get(fmt, "") not in ctype:
+        return f"Content-Type {ctype} but the bytes are {fmt}"
+    return None

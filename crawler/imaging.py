@@ -25,6 +25,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from crawler.errors import ErrorKind
 from crawler.models import Failure, ImageJob, ImageResult, ThumbSpec
+from crawler.probe import Limits, check_geometry
 
 EXTENSIONS: dict[str, str] = {
     "JPEG": "jpg",
@@ -126,6 +127,11 @@ def _process(job: ImageJob) -> ImageResult | Failure:
     orientation = _orientation(im)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
+    # The fetcher checked the header as stored; this is the authoritative check,
+    # as displayed, and the only one for headers the fetcher could not read.
+    limits = Limits(job.max_pixels, job.min_width, job.min_height, job.max_aspect_ratio)
+    if failure := check_geometry(width, height, limits):
+        return failure
 
     base = _fit(_to_working_mode(im), box)
     if orientation in _TRANSPOSE:

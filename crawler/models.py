@@ -55,6 +55,9 @@ class ImageJob:
     thumbs: ThumbSpec
     max_pixels: int
     formats: tuple[str, ...]
+    min_width: int = 0
+    min_height: int = 0
+    max_aspect_ratio: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,15 +81,22 @@ class Fetched:
     final_url: str
     http_status: int
     content_type: str | None
-    attempts: int
+    # The format the bytes say they are, and a note when Content-Type disagrees.
+    sniffed: str
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class FetchFailed:
     failure: Failure
-    final_url: str | None
-    http_status: int | None
-    attempts: int
+    final_url: str | None = None
+    http_status: int | None = None
+    content_type: str | None = None
+    # Seconds the server asked us to wait (Retry-After), if it did.
+    retry_after: float | None = None
+    # The host could not be reached at all (refused, DNS, connect timeout):
+    # what the circuit breaker counts.
+    unreachable: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from crawler.hosts import HostPolicy
 from crawler.imaging import DEFAULT_FORMATS
 from crawler.models import ThumbSpec
 
@@ -37,14 +38,12 @@ class SettingsError(ValueError):
 class CrawlSettings:
     out: str = "downloads"
     concurrency: int = 64
-    per_host: int = 8
-    queue_size: int = 256
+    max_pending: int = 10_000
     progress: bool = True
 
     def __post_init__(self) -> None:
         _at_least(self, "concurrency", 1)
-        _at_least(self, "per_host", 1)
-        _at_least(self, "queue_size", 1)
+        _at_least(self, "max_pending", 1)
 
 
 @dataclass(frozen=True)
@@ -52,22 +51,62 @@ class FetchSettings:
     connect_timeout: float = 10.0
     read_timeout: float = 20.0
     total_timeout: float = 60.0
+    min_rate: int = 1024
+    min_rate_grace: float = 10.0
     max_bytes: int = 50 * 1024 * 1024
     max_attempts: int = 3
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    retry_after_max: float = 120.0
     max_redirects: int = 5
     user_agent: str = "image-crawler/0.1 (+https://github.com/image-crawler/image-crawler)"
+    headers: dict[str, str] = field(default_factory=dict)
+    cookies: bool = False
     ttl_dns_cache: int = 300
 
     def __post_init__(self) -> None:
         for name in ("connect_timeout", "read_timeout", "total_timeout"):
             _positive(self, name)
+        for name in (
+            "min_rate",
+            "min_rate_grace",
+            "backoff_base",
+            "backoff_max",
+            "retry_after_max",
+        ):
+            _at_least(self, name, 0)
         _at_least(self, "max_bytes", 1)
         _at_least(self, "max_attempts", 1)
         _at_least(self, "max_redirects", 0)
-        _at_least(self, "backoff_base", 0)
-        _at_least(self, "backoff_max", 0)
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    per_host: int = 8
+    per_host_rate: float = 0.0
+    adaptive: bool = True
+    breaker_threshold: int = 10
+    breaker_cooldown: float = 60.0
+    respect_robots: bool = True
+    robots_timeout: float = 10.0
+    respect_opt_out: bool = True
+    opt_out_tags: tuple[str, ...] = ("noai", "noimageai", "noindex")
+
+    def __post_init__(self) -> None:
+        _at_least(self, "per_host", 1)
+        _at_least(self, "per_host_rate", 0)
+        _at_least(self, "breaker_threshold", 1)
+        _at_least(self, "breaker_cooldown", 0)
+        _positive(self, "robots_timeout")
+
+    def policy(self) -> HostPolicy:
+        return HostPolicy(
+            per_host=self.per_host,
+            rate=self.per_host_rate,
+            adaptive=self.adaptive,
+            breaker_threshold=self.breaker_threshold,
+            breaker_cooldown=self.breaker_cooldown,
+        )
 
 
 @dataclass(frozen=True)
@@ -77,6 +116,9 @@ class ImageSettings:
     thumb_quality: int = 85
     background: tuple[int, ...] = (255, 255, 255)
     max_pixels: int = 100_000_000
+    min_width: int = 0
+    min_height: int = 0
+    max_aspect_ratio: float = 0.0
     formats: tuple[str, ...] = DEFAULT_FORMATS
 
     def __post_init__(self) -> None:
@@ -89,6 +131,10 @@ class ImageSettings:
         if len(self.background) != 3 or any(not 0 <= c <= 255 for c in self.background):
             raise SettingsError("image.background: must be three integers 0-255 (R, G, B)")
         _at_least(self, "max_pixels", 1)
+        for name in ("min_width", "min_height", "max_aspect_ratio"):
+            _at_least(self, name, 0)
+        if 0 < self.max_aspect_ratio < 1:
+            raise SettingsError("image.max_aspect_ratio: must be 0 (no limit) or at least 1")
         unknown = set(self.formats) - set(DEFAULT_FORMATS)
         if not self.formats or unknown:
             raise SettingsError(
@@ -126,6 +172,7 @@ class PoolSettings:
 class Settings:
     crawl: CrawlSettings = field(default_factory=CrawlSettings)
     fetch: FetchSettings = field(default_factory=FetchSettings)
+    hosts: HostSettings = field(default_factory=HostSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
 
@@ -219,6 +266,15 @@ def _coerce(raw: Any, hint: Any, where: str) -> Any:
         if not isinstance(raw, list | tuple):
             raise SettingsError(f"{where}: must be a list")
         return tuple(_coerce(v, item, where) for v in raw)
+    if origin is dict:
+        if isinstance(raw, str):  # from the environment: "Name=value,Other=value"
+            pairs = [part.partition("=") for part in raw.split(",") if part.strip()]
+            raw = {k.strip(): v.strip() for k, _, v in pairs}
+        if not isinstance(raw, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+        ):
+            raise SettingsError(f"{where}: must be a table of strings")
+        return dict(raw)
     if origin in (typing.Union, types.UnionType):  # pragma: no cover - no optional keys yet
         raise SettingsError(f"{where}: unsupported type")
     if hint is bool:

@@ -170,7 +170,7 @@ async def test_input_is_read_only_as_fast_as_it_is_fetched(
             pulled += 1
             yield UrlEntry(server.url(f"/held/one.gif?n={i}"), None, i)
 
-    settings = make_settings(tmp_path, crawl={"concurrency": 4, "queue_size": 10})
+    settings = make_settings(tmp_path, crawl={"concurrency": 4, "max_pending": 14})
     task = asyncio.create_task(crawl(endless(), settings, executor=executor))
     await asyncio.sleep(0.5)
     assert 4 + 10 <= pulled <= 4 + 10 + 2

@@ -24,11 +24,13 @@ def test_shipped_config_documents_every_default() -> None:
 
 def test_layers_later_wins(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text("[crawl]\nconcurrency = 10\nper_host = 3\n[image]\nthumb_sizes = [64, 128]\n")
+    cfg.write_text(
+        "[crawl]\nconcurrency = 10\n[hosts]\nper_host = 3\n[image]\nthumb_sizes = [64, 128]\n"
+    )
     env = {"CRAWLER_CRAWL_CONCURRENCY": "20", "CRAWLER_IMAGE_THUMB_SIZES": "32,48", "HOME": "/x"}
     s = load_settings(cfg, env, {"crawl": {"concurrency": 30}})
     assert s.crawl.concurrency == 30
-    assert s.crawl.per_host == 3
+    assert s.hosts.per_host == 3
     assert s.image.thumb_sizes == (32, 48)
 
 

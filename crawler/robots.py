@@ -1,0 +1,182 @@
+"""robots.txt: fetched once per origin, cached, consulted before each download.
+
+The network is reached only through a :data:`RobotsFetch` callback from the
+fetch layer, which owns timeouts, redirects and the download size cap, so this
+module never imports aiohttp.
+
+Matching is :class:`urllib.robotparser.RobotFileParser`'s, quirks included:
+
+* Groups: our agent is the User-Agent's product token (``image-crawler`` from
+  ``image-crawler/0.1 (+https://...)``). A group applies when its name, lower-cased,
+  is a *substring* of that token (``User-agent: crawler`` applies to us). The first
+  such group wins, else the first ``*`` group; repeated groups are not merged.
+* Rules: the **first** matching line in the group wins, not RFC 9309's longest
+  match. ``Allow: /a/b`` before ``Disallow: /a`` allows ``/a/b``; in the other
+  order it is disallowed, and ``Allow: /`` first allows everything.
+* Paths are prefixes compared after percent-decoding and re-encoding both sides
+  (``%7E`` is ``~``, ``%C3%A9`` is ``é``, but also ``%2F`` is ``/``), with the query
+  string part of the path. ``*`` and ``$`` are not wildcards: such rules only match
+  literally, i.e. practically never.
+
+Statuses: 2xx is parsed; a 4xx other than 429 means there are no rules: allow all.
+5xx, 429, any other status, a network failure (``None``) or a callback exception
+also allow all (RFC 9309 says to assume disallow-all on 5xx; the product treats
+errors as allow), but are cached for at most :data:`FAILURE_TTL` so a transient
+error is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeAlias
+from urllib.parse import urlsplit
+from urllib.robotparser import RobotFileParser
+
+log = logging.getLogger(__name__)
+
+RobotsFetch: TypeAlias = Callable[[str], Awaitable[tuple[int, str] | None]]
+"""Given the robots.txt URL, return ``(status, text)``, or ``None`` on a network
+failure or timeout. The callback enforces its own timeout and size cap."""
+
+MAX_ROBOTS_CHARS = 500 * 1024
+"""Only this much of a robots.txt is parsed (RFC 9309 asks for at least 500 KiB);
+the fetch callback's size cap should be at least this large."""
+
+FAILURE_TTL = 600.0
+"""Longest time an error outcome (5xx, 429, no response) is cached before a retry."""
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    parser: RobotFileParser | None  # None: nothing is disallowed
+    expires: float
+
+
+class RobotsCache:
+    """Per-origin robots.txt rules with single-flight fetching, a TTL and LRU bound."""
+
+    def __init__(
+        self,
+        fetch: RobotsFetch,
+        user_agent: str,
+        *,
+        ttl: float = 86400.0,
+        max_origins: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError(f"ttl must be positive, got {ttl}")
+        if max_origins < 1:
+            raise ValueError(f"max_origins must be at least 1, got {max_origins}")
+        self._agent = product_token(user_agent)
+        if not self._agent:
+            raise ValueError(f"user agent {user_agent!r} has no product token")
+        self._fetch = fetch
+        self._ttl = ttl
+        self._failure_ttl = min(ttl, FAILURE_TTL)
+        self._max_origins = max_origins
+        self._clock = clock
+        self._cache: OrderedDict[str, _Rules] = OrderedDict()
+        self._inflight: dict[str, asyncio.Task[_Rules]] = {}
+
+    async def allowed(self, url: str) -> bool:
+        """Whether robots.txt lets us fetch ``url``.
+
+        URLs that are not http(s) or do not parse are allowed without a fetch: there
+        is no robots.txt to ask, and the fetch layer reports them as invalid itself.
+        """
+        try:
+            origin = _origin(url)
+        except ValueError:
+            return True
+        if origin is None:
+            return True
+        rules = await self._rules_for(origin)
+        if rules.parser is None:
+            return True
+        # The fragment never reaches the server, so it must not take part in matching.
+        return rules.parser.can_fetch(self._agent, url.partition("#")[0])
+
+    async def _rules_for(self, origin: str) -> _Rules:
+        rules = self._cache.get(origin)
+        if rules is not None and rules.expires > self._clock():
+            self._cache.move_to_end(origin)
+            return rules
+        task = self._inflight.get(origin)
+        if task is None:
+            task = asyncio.create_task(self._load(origin))
+            self._inflight[origin] = task
+            task.add_done_callback(lambda _: self._inflight.pop(origin, None))
+        # Shielded so that one caller giving up does not cancel the fetch others await.
+        return await asyncio.shield(task)
+
+    async def _load(self, origin: str) -> _Rules:
+        robots_url = origin + "/robots.txt"
+        try:
+            response = await self._fetch(robots_url)
+        except Exception:
+            # A bug in the callback must not stop the crawl, nor be retried per URL.
+            log.warning("robots.txt fetch for %s raised; allowing", robots_url, exc_info=True)
+            response = None
+        rules = self._interpret(response)
+        self._cache[origin] = rules
+        self._cache.move_to_end(origin)
+        while len(self._cache) > self._max_origins:
+            self._cache.popitem(last=False)
+        return rules
+
+    def _interpret(self, response: tuple[int, str] | None) -> _Rules:
+        now = self._clock()
+        if response is None:
+            return _Rules(None, now + self._failure_ttl)
+        status, text = response
+        if 200 <= status < 300:
+            return _Rules(_parse(text), now + self._ttl)
+        # 429 is a 4xx but says "come back later", not "there is no robots.txt".
+        if 400 <= status < 500 and status != 429:
+            return _Rules(None, now + self._ttl)
+        return _Rules(None, now + self._failure_ttl)
+
+
+def product_token(user_agent: str) -> str:
+    """``image-crawler`` from ``image-crawler/0.1 (+https://...)``, lower-cased."""
+    return re.split(r"[/\s]", user_agent.strip(), maxsplit=1)[0].lower()
+
+
+def _origin(url: str) -> str | None:
+    parts = urlsplit(url)
+    host = parts.hostname
+    if parts.scheme not in _DEFAULT_PORTS or not host:
+        return None
+    port = parts.port  # raises ValueError when out of range
+    if ":" in host:
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS[parts.scheme]:
+        return f"{parts.scheme}://{host}"
+    return f"{parts.scheme}://{host}:{port}"
+
+
+def _parse(text: str) -> RobotFileParser:
+    # This runs on the event loop, which MAX_ROBOTS_CHARS makes acceptable: a typical
+    # robots.txt parses in about a millisecond, a worst-case 500 KiB one in about 0.1 s,
+    # once per origin per TTL. A thread would add a hop to every parse for that rare case.
+    truncated = len(text) > MAX_ROBOTS_CHARS
+    lines = text[:MAX_ROBOTS_CHARS].removeprefix("\ufeff").splitlines()
+    if truncated:
+        # The cut probably fell mid-line, and a clipped path is a different, shorter rule.
+        del lines[-1:]
+    parser = RobotFileParser()
+    # urllib ends a group at an empty line; RFC 9309 allows them inside one.
+    parser.parse(line for line in lines if line.strip())
+    # can_fetch() answers False for everything until last_checked is set. parse() sets
+    # it today, but that is an implementation detail.
+    parser.modified()
+    return parser
