@@ -92,7 +92,7 @@ class Fetcher:
                 ErrorKind.TIMEOUT, f"no complete response within {self._cfg.total_timeout:g}s"
             )
         except (aiohttp.ClientError, OSError) as exc:
-            failure = classify(exc)
+            failure = classify(exc, in_body=state.status is not None)
         return FetchFailed(
             failure,
             state.final_url,
@@ -216,8 +216,12 @@ def retry_after(headers: CIMultiDictProxy[str]) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def classify(exc: BaseException) -> Failure:
-    """Map a client-side exception to an error kind (order matters: subclasses first)."""
+def classify(exc: BaseException, in_body: bool = False) -> Failure:
+    """Map a client-side exception to an error kind (order matters: subclasses first).
+
+    ``in_body``: the response headers had arrived, so a protocol error is a
+    broken body (a bad chunk, a short read), not a failure to connect.
+    """
     detail = (str(exc) or type(exc).__name__)[:300]
     kind: ErrorKind
     if isinstance(exc, TimeoutError):
@@ -228,7 +232,9 @@ def classify(exc: BaseException) -> Failure:
         kind = ErrorKind.INVALID_URL
     elif isinstance(exc, aiohttp.ClientConnectorDNSError):
         kind = ErrorKind.DNS
-    elif isinstance(exc, aiohttp.ClientPayloadError):
+    elif isinstance(exc, aiohttp.ClientPayloadError) or (
+        in_body and isinstance(exc, aiohttp.ClientResponseError)
+    ):
         kind = ErrorKind.TRUNCATED
     else:
         kind = ErrorKind.CONNECTION
