@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from crawler.errors import ErrorKind
 from crawler.models import UrlEntry
 from crawler.pool import make_executor
 from crawler.settings import PoolSettings, Settings, load_settings
@@ -48,9 +50,17 @@ async def entries(urls: Sequence[str | UrlEntry]) -> AsyncIterator[UrlEntry]:
         yield url if isinstance(url, UrlEntry) else UrlEntry(url, None, n)
 
 
+KINDS = {str(k) for k in ErrorKind}
+
+
 def read_manifest(out: Path) -> list[dict[str, Any]]:
+    """The manifest's records; every test that reads one also checks no unknown error kind leaks."""
     lines = (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
+    records = [json.loads(line) for line in lines]
+    for r in records:
+        known = r["error"] in KINDS or re.fullmatch(r"http_\d{3}", r["error"] or "")
+        assert r["error"] is None or known, r
+    return records
 
 
 def by_url(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -335,3 +335,31 @@ async def test_a_slow_host_does_not_stall_the_others(
     # the slow host needs 6 rounds of 0.4 s; all fast URLs finish while it is still going
     assert last_fast < order.index(slow_urls[-1])
     assert sum(u in slow_urls for u in order[: last_fast + 1]) <= 6
+
+
+async def test_waiting_for_a_busy_host_does_not_spend_the_deadline(
+    server: LocalServer, executor: ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    """Five 0.3 s responses, one at a time, under a 0.5 s per-attempt deadline: all succeed."""
+    server.delay = 0.3
+    server.add("a.gif", samples.gif_palette(), "image/gif")
+    urls = [server.url(f"/img/a.gif?n={i}") for i in range(5)]
+    fetch = {**FAST, "total_timeout": 0.5, "read_timeout": 0.45}
+    settings = make_settings(tmp_path, fetch=fetch, hosts={"per_host": 1, "adaptive": False})
+    await crawl(entries(urls), settings, executor=executor)
+    records = read_manifest(tmp_path)
+    assert [outcome(r) for r in records] == [("ok", None, 1)] * 5
+    assert server.peak[f"127.0.0.1:{server.port}"] == 1
+
+
+async def test_content_type_that_lies_is_noted_not_trusted(
+    server: LocalServer, executor: ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    server.add("a.png", samples.png_alpha(), "text/plain")
+    record, _ = await crawl_one(server.url("/img/a.png"), tmp_path, executor)
+    assert (record["status"], record["format"], record["content_type"]) == (
+        "ok",
+        "PNG",
+        "text/plain",
+    )
+    assert record["detail"] == "Content-Type text/plain but the bytes are PNG"
