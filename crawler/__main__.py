@@ -1,7 +1,12 @@
 """``python -m crawler URLS``: parse arguments, load settings, crawl, report.
 
 Exit codes: 0 when the crawl ran to its end (whatever failed per URL),
-2 for usage errors (bad flag, unreadable input, bad config), 130 on Ctrl-C.
+2 for usage errors (bad flag, unreadable input, bad config), 128 + the
+signal's number when stopped by SIGINT (130) or SIGTERM (143): work in
+flight gets ``crawl.grace_period`` to finish, a second signal quits at once.
+Either way the ledger is consistent and the same command resumes.
+
+``python -m crawler dups DIR`` lists the near-duplicate groups of a crawl.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ import argparse
 import asyncio
 import logging
 import os
+import re
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,12 +26,15 @@ from typing import Any
 import uvloop
 
 from crawler import __version__
+from crawler.dups import near_duplicates, render
+from crawler.errors import ErrorKind
 from crawler.pipeline import crawl
 from crawler.report import Stats
 from crawler.settings import Settings, SettingsError, load_settings
 from crawler.sources import FORMATS, Source, SourceError, open_source
+from crawler.state import LEDGER, MANIFEST, Revisit
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_USAGE = 0, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("forkserver", "spawn", "fork"),
         help="how pool workers are started (default: forkserver)",
     )
+    p.add_argument(
+        "--retry-failed",
+        nargs="?",
+        const="",
+        metavar="KIND[,KIND...]",
+        help="fetch again URLs that failed in an earlier run (only these error kinds, if given)",
+    )
+    p.add_argument(
+        "--refresh-after",
+        type=float,
+        metavar="DAYS",
+        help="revalidate images fetched more than DAYS ago (conditional GET; 304 keeps them)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line and no summary")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -95,38 +119,109 @@ def overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["dups"]:
+        return dups_main(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
-        config = args.config or (
-            Path(os.environ["CRAWLER_CONFIG"]) if os.environ.get("CRAWLER_CONFIG") else None
-        )
+        env_config = os.environ.get("CRAWLER_CONFIG")
+        config = args.config or (Path(env_config) if env_config else None)
         settings = load_settings(config, os.environ, overrides(args))
         source = open_source(args.urls, args.input_format)
-    except (SettingsError, SourceError) as exc:
+        revisit = Revisit(
+            retry_failed=None if args.retry_failed is None else _kinds(args.retry_failed),
+            refresh_before=None
+            if args.refresh_after is None
+            else time.time() - args.refresh_after * 86400,
+        )
+    except (SettingsError, SourceError, ValueError) as exc:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_run(source, settings, quiet=args.quiet))
-    except KeyboardInterrupt:
-        print(f"\n{parser.prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_run(source, settings, revisit, quiet=args.quiet))
+
+
+def dups_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="crawler dups", description="List groups of near-duplicate images in a crawl's output."
+    )
+    parser.add_argument("dir", metavar="DIR", type=Path, help="the crawl's output directory")
+    parser.add_argument(
+        "--distance", type=int, default=6, help="max differing phash bits (default: 6)"
+    )
+    args = parser.parse_args(argv)
+    if not (args.dir / LEDGER).is_file():
+        parser.exit(
+            EXIT_USAGE, f"{parser.prog}: error: {args.dir} holds no crawl ({LEDGER} missing)\n"
+        )
+    if not 0 <= args.distance <= 32:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: --distance must be between 0 and 32\n")
+    print(render(near_duplicates(args.dir, args.distance)))
     return EXIT_OK
 
 
-async def _run(source: Source, settings: Settings, *, quiet: bool) -> None:
+def _kinds(value: str) -> frozenset[str]:
+    kinds = frozenset(k.strip() for k in value.split(",") if k.strip())
+    unknown = {
+        k
+        for k in kinds
+        if k not in {str(e) for e in ErrorKind} and not re.fullmatch(r"http_\d{3}", k)
+    }
+    if unknown:
+        raise ValueError(f"--retry-failed: unknown error kind(s): {', '.join(sorted(unknown))}")
+    return kinds
+
+
+async def _run(source: Source, settings: Settings, revisit: Revisit, *, quiet: bool) -> int:
+    loop = asyncio.get_running_loop()
     stats = Stats()
+    stop = asyncio.Event()
+    received: list[int] = []
 
     async def count() -> None:
         stats.total = await source.count()
 
     counter = asyncio.create_task(count())
-    summary = await crawl(source.entries(), settings, stats=stats, progress=settings.crawl.progress)
-    counter.cancel()
+    task = asyncio.create_task(
+        crawl(
+            source.entries(),
+            settings,
+            stats=stats,
+            progress=settings.crawl.progress,
+            revisit=revisit,
+            stop=stop,
+        )
+    )
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            # Every ledger commit is atomic, so even now the next run resumes cleanly.
+            os._exit(128 + signum)
+        grace = settings.crawl.grace_period
+        print(
+            f"\n{signal.Signals(signum).name}: stopping; finishing work in flight "
+            f"(up to {grace:g}s), again to quit at once",
+            file=sys.stderr,
+        )
+        stop.set()
+        loop.call_later(grace, task.cancel)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        summary = await task
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        summary = stats.summary()
+    finally:
+        counter.cancel()
     if not quiet:
         print(summary.render(), file=sys.stderr)
-        print(f"  manifest: {Path(settings.crawl.out) / 'manifest.jsonl'}", file=sys.stderr)
+        print(f"  manifest: {Path(settings.crawl.out) / MANIFEST}", file=sys.stderr)
+    return 128 + received[0] if received else EXIT_OK
 
 
 if __name__ == "__main__":

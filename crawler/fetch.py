@@ -27,7 +27,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from crawler.errors import ErrorKind, http_error
-from crawler.models import Failure, Fetched, FetchFailed
+from crawler.models import Failure, Fetched, FetchFailed, NotModified
 from crawler.probe import SNIFF_BYTES, Limits, check_geometry, dimensions, sniff
 from crawler.settings import Settings
 
@@ -81,12 +81,19 @@ class Fetcher:
         if self._session is not None:
             await self._session.close()
 
-    async def attempt(self, url: str) -> Fetched | FetchFailed:
-        """One request for ``url``, within the total deadline."""
+    async def attempt(
+        self, url: str, etag: str | None = None, last_modified: str | None = None
+    ) -> Fetched | FetchFailed | NotModified:
+        """One request for ``url``, within the total deadline; conditional when given validators."""
         state = _Progress()
+        headers = {}
+        if etag:
+            headers["If-None-Match"] = etag
+        if last_modified:
+            headers["If-Modified-Since"] = last_modified
         try:
             async with asyncio.timeout(self._cfg.total_timeout):
-                return await self._get(url, state)
+                return await self._get(url, headers, state)
         except TimeoutError:
             failure = Failure(
                 ErrorKind.TIMEOUT, f"no complete response within {self._cfg.total_timeout:g}s"
@@ -111,9 +118,12 @@ class Fetcher:
         except (TimeoutError, aiohttp.ClientError, OSError):
             return None
 
-    async def _get(self, url: str, state: _Progress) -> Fetched | FetchFailed:
+    async def _get(
+        self, url: str, headers: dict[str, str], state: _Progress
+    ) -> Fetched | FetchFailed | NotModified:
         assert self._session is not None, "use Fetcher as an async context manager"
-        async with self._session.get(url, max_redirects=self._cfg.max_redirects) as resp:
+        get = self._session.get(url, headers=headers, max_redirects=self._cfg.max_redirects)
+        async with get as resp:
             state.final_url, state.status = str(resp.url), resp.status
             ctype = resp.content_type if resp.headers.get("Content-Type") else None
 
@@ -122,6 +132,8 @@ class Fetcher:
                     Failure(kind, detail), state.final_url, resp.status, ctype, retry_after
                 )
 
+            if resp.status == 304 and headers:
+                return NotModified(state.final_url)
             if not 200 <= resp.status < 300:
                 return failed(http_error(resp.status), resp.reason or "", retry_after(resp.headers))
             if tags := self._opted_out(resp.headers):
@@ -162,7 +174,14 @@ class Fetcher:
                     return failed(ErrorKind.NOT_AN_IMAGE, problem)
             assert fmt is not None
             return Fetched(
-                bytes(body), state.final_url, resp.status, ctype, fmt, _type_note(ctype, fmt)
+                bytes(body),
+                state.final_url,
+                resp.status,
+                ctype,
+                fmt,
+                _type_note(ctype, fmt),
+                resp.headers.get("ETag"),
+                resp.headers.get("Last-Modified"),
             )
 
     def _unwanted(self, fmt: str | None, ctype: str | None) -> str | None:

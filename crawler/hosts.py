@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import time
 from collections import deque
@@ -25,6 +26,8 @@ from enum import Enum, auto
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class Outcome(Enum):
@@ -52,6 +55,7 @@ class Host:
     failures: int = 0  # consecutive UNREACHABLE outcomes
     open_until: float | None = None  # breaker open until this time
     probing: bool = False  # half-open: one request is testing the host
+    waking: bool = False  # a timer will make the host runnable again (pause, rate)
 
     def idle(self, policy: HostPolicy) -> bool:
         return (
@@ -91,6 +95,7 @@ class Scheduler(Generic[T]):
         self._pending = 0  # items queued, delayed or running
         self._idle = asyncio.Event()
         self._idle.set()
+        self._cancelled = False
 
     @property
     def in_flight(self) -> int:
@@ -108,6 +113,8 @@ class Scheduler(Generic[T]):
         await self._idle.wait()
 
     def cancel(self) -> None:
+        """Cancel running work and timers; nothing starts after this (queued items are dropped)."""
+        self._cancelled = True
         for handle in self._timers:
             handle.cancel()
         for task in self._tasks:
@@ -141,7 +148,8 @@ class Scheduler(Generic[T]):
 
     def pump(self) -> None:
         """Start whatever may start now; hosts that can't go are revisited when they can."""
-        revisit: list[Host] = []
+        if self._cancelled:
+            return
         while self._free > 0 and self._runnable:
             host = self._runnable.popleft()
             if not host.queue:
@@ -150,7 +158,9 @@ class Scheduler(Generic[T]):
             if wait is None:
                 continue  # at its limit: a finishing request puts it back
             if wait > 0:
-                self._later(wait, functools.partial(self._make_runnable, host))
+                if not host.waking:  # one timer per host, not one per queued item
+                    host.waking = True
+                    self._later(wait, functools.partial(self._wake, host))
                 continue
             item = host.queue.popleft()
             host.active += 1
@@ -158,12 +168,16 @@ class Scheduler(Generic[T]):
             if self.policy.rate > 0:
                 host.resume_at = self._clock() + 1.0 / self.policy.rate
             self._free -= 1
-            self._spawn(self._run(host, item))
+            probe = host.open_until if host.probing else None
+            self._spawn(self._run(host, item, probe))
             if host.queue:
-                revisit.append(host)
-        self._runnable.extend(revisit)
+                # Back of the line: other hosts get their turn first, but this
+                # pass goes on while slots are free and the host has room.
+                self._runnable.append(host)
 
     def _enqueue(self, key: str, item: T) -> None:
+        if self._cancelled:
+            return
         host = self.hosts.get(key)
         if host is None:
             host = self.hosts[key] = Host(key, float(self.policy.per_host))
@@ -177,18 +191,37 @@ class Scheduler(Generic[T]):
         self._runnable.append(host)
         self.pump()
 
-    async def _run(self, host: Host, item: T) -> None:
+    def _wake(self, host: Host) -> None:
+        host.waking = False
+        self._make_runnable(host)
+
+    async def _run(self, host: Host, item: T, probe: float | None) -> None:
+        """``probe``: the breaker's ``open_until`` when this request is the half-open probe."""
         try:
             await self._work(item)
         finally:
             host.active -= 1
             self._free += 1
+            if probe is not None and host.probing and host.open_until == probe:
+                # The probe ended without a verdict (work raised, or never called
+                # done): the host is still half-open and the next request probes.
+                host.probing = False
             if host.idle(self.policy):
-                self.hosts.pop(host.key, None)  # memory follows hosts in flight, not hosts seen
+                self._forget(host)  # memory follows hosts in flight, not hosts seen
             elif host.queue:
                 self._runnable.append(host)
             self._item_done()
             self.pump()
+
+    def _forget(self, host: Host) -> None:
+        """Drop an idle host, but not before its pause or rate interval is over."""
+        if self.hosts.get(host.key) is not host or not host.idle(self.policy):
+            return
+        wait = host.resume_at - self._clock()
+        if wait > 0:
+            self._later(wait, functools.partial(self._forget, host))
+        else:
+            del self.hosts[host.key]
 
     async def _finish_after(self, coro: Coroutine[Any, Any, None]) -> None:
         try:
@@ -229,4 +262,10 @@ class Scheduler(Generic[T]):
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        """Work and reject should not raise; if they do, log it (the slot is already back)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("scheduled work failed", exc_info=exc)

@@ -84,6 +84,16 @@ class Fetched:
     # The format the bytes say they are, and a note when Content-Type disagrees.
     sniffed: str
     note: str | None = None
+    # Validators for a later conditional GET (--refresh-after).
+    etag: str | None = None
+    last_modified: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotModified:
+    """A conditional GET answered 304: what we have is still current."""
+
+    final_url: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +129,7 @@ class Record:
     path: str | None = None
     thumbnails: dict[str, str] = field(default_factory=dict)
     duplicate_of: str | None = None
+    near_dup_group: str | None = None
     meta: dict[str, Any] | None = None
     fetched_at: str | None = None
     elapsed_ms: int | None = None

@@ -23,6 +23,7 @@ process pool or inside a cluster worker with an inline executor.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import random
 import time
@@ -38,16 +39,28 @@ import aiofiles.os
 from crawler.errors import RETRYABLE_KINDS, SKIP_KINDS, ErrorKind, retryable_status
 from crawler.fetch import Fetcher
 from crawler.hosts import Outcome, Scheduler
-from crawler.models import Failure, Fetched, FetchFailed, ImageJob, Record, Status, UrlEntry
+from crawler.models import (
+    Failure,
+    Fetched,
+    FetchFailed,
+    ImageJob,
+    ImageResult,
+    NotModified,
+    Record,
+    Status,
+    UrlEntry,
+)
 from crawler.pool import ImagePool
 from crawler.report import Progress, Stats, Summary
 from crawler.robots import RobotsCache
 from crawler.settings import Settings
 from crawler.sources import check_url
-from crawler.state import CrawlState
+from crawler.state import Ledger, Revisit, Verdict
 from crawler.store import Store
 
 log = logging.getLogger(__name__)
+BATCH = 256
+DISK_FULL_RETRY = 1.0
 
 
 async def crawl(
@@ -57,8 +70,15 @@ async def crawl(
     executor: Executor | None = None,
     stats: Stats | None = None,
     progress: bool = False,
+    revisit: Revisit | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Summary:
-    """Crawl every entry into ``settings.crawl.out``; returns the summary."""
+    """Crawl every entry into ``settings.crawl.out``; returns the summary.
+
+    Setting ``stop`` ends intake: URLs not yet read stay unread, the ones
+    admitted are finished. Cancelling the call abandons what is in flight;
+    it stays pending in the ledger for the next run.
+    """
     out = Path(settings.crawl.out)
     await aiofiles.os.makedirs(out, exist_ok=True)
     stats = stats or Stats()
@@ -69,12 +89,18 @@ async def crawl(
     )
     reporter = asyncio.create_task(Progress(stats, enabled=progress).run())
     try:
-        async with CrawlState(out) as state, Fetcher(settings) as fetcher:
-            store = Store(out, settings.image.thumb_spec().ext)
+        store = Store(out, settings.image.thumb_spec().ext)
+        await store.clean()
+        async with Ledger(out, revisit) as ledger, Fetcher(settings) as fetcher:
             run = _Run(
-                settings=settings, state=state, fetcher=fetcher, pool=pool, store=store, stats=stats
+                settings=settings,
+                ledger=ledger,
+                fetcher=fetcher,
+                pool=pool,
+                store=store,
+                stats=stats,
             )
-            await run.go(entries)
+            await run.go(entries, stop or asyncio.Event())
     finally:
         reporter.cancel()
         await asyncio.gather(reporter, return_exceptions=True)
@@ -93,6 +119,8 @@ class _Pending:
     started: float
     fetched_at: str
     attempts: int = 0
+    etag: str | None = None  # set when revalidating (--refresh-after)
+    last_modified: str | None = None
 
 
 class _Run:
@@ -100,14 +128,14 @@ class _Run:
         self,
         *,
         settings: Settings,
-        state: CrawlState,
+        ledger: Ledger,
         fetcher: Fetcher,
         pool: ImagePool,
         store: Store,
         stats: Stats,
     ) -> None:
         self.settings = settings
-        self.state = state
+        self.ledger = ledger
         self.fetcher = fetcher
         self.pool = pool
         self.store = store
@@ -121,33 +149,58 @@ class _Run:
             settings.hosts.policy(), settings.crawl.concurrency, self._fetch, self._unreachable
         )
         self.tasks: asyncio.TaskGroup | None = None
+        self.disk_ok = asyncio.Event()
+        self.disk_ok.set()
 
-    async def go(self, entries: AsyncIterator[UrlEntry]) -> None:
+    async def go(self, entries: AsyncIterator[UrlEntry], stop: asyncio.Event) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
                 self.tasks = tg
-                await self._read(entries)
+                await self._read(entries, stop)
                 await self.scheduler.wait_idle()
         finally:
             self.scheduler.cancel()
 
-    async def _read(self, entries: AsyncIterator[UrlEntry]) -> None:
+    async def _read(self, entries: AsyncIterator[UrlEntry], stop: asyncio.Event) -> None:
+        """Admit entries in batches (one ledger transaction each), never past ``max_pending``."""
+        batch: list[tuple[UrlEntry, str | None, str]] = []
+        limit = min(BATCH, self.settings.crawl.max_pending)
         async for entry in entries:
+            if stop.is_set():
+                break
+            if self.admitted.locked() and batch:
+                await self._admit(batch)
+                batch = []
             await self.admitted.acquire()
-            if entry.problem:
-                await self._record(_failed(entry, Failure(ErrorKind.INVALID_URL, entry.problem)))
-                continue
-            url, reason = check_url(entry.url)
-            if url is None:
+            await self.disk_ok.wait()
+            url, reason = (None, entry.problem) if entry.problem else check_url(entry.url)
+            batch.append((entry, url, reason))
+            if len(batch) >= limit:
+                await self._admit(batch)
+                batch = []
+        if batch:
+            await self._admit(batch)
+
+    async def _admit(self, batch: list[tuple[UrlEntry, str | None, str]]) -> None:
+        verdicts = await self.ledger.admit([(entry.url, url) for entry, url, _ in batch])
+        for (entry, url, reason), admission in zip(batch, verdicts, strict=True):
+            verdict = admission.verdict
+            if verdict is Verdict.DONE:
+                self.stats.already += 1
+                self.admitted.release()
+            elif verdict is Verdict.INVALID:
                 await self._record(_failed(entry, Failure(ErrorKind.INVALID_URL, reason)))
-            elif not self.state.first_sighting(url):
-                skipped = Record(entry.url, "skipped", detail="duplicate URL", meta=entry.meta)
-                await self._record(skipped)
+            elif verdict is Verdict.DUPLICATE:
+                detail = f"duplicate of {admission.duplicate_of}"
+                await self._record(Record(entry.url, "skipped", detail=detail, meta=entry.meta))
             else:
+                assert url is not None
                 parts = urlsplit(url)
                 host = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
                 now = datetime.now(UTC).isoformat(timespec="seconds")
-                self.scheduler.submit(host, _Pending(entry, url, host, time.monotonic(), now))
+                item = _Pending(entry, url, host, time.monotonic(), now)
+                item.etag, item.last_modified = admission.etag, admission.last_modified
+                self.scheduler.submit(host, item)
 
     async def _fetch(self, item: _Pending) -> None:
         """Scheduler work: one attempt; then retry later, record, or pass the body on."""
@@ -157,7 +210,13 @@ class _Run:
                 await self._record(self._base(item, failure=failure))
                 return
             item.attempts += 1
-            result = await self.fetcher.attempt(item.url)
+            result = await self.fetcher.attempt(item.url, item.etag, item.last_modified)
+            if isinstance(result, NotModified):
+                self.scheduler.done(item.host, Outcome.OK)
+                await self.ledger.still_fresh(item.entry.url)
+                self.stats.already += 1
+                self.admitted.release()
+                return
             if isinstance(result, FetchFailed):
                 await self._failed_attempt(item, result)
                 return
@@ -203,7 +262,7 @@ class _Run:
             return
         finally:
             self.processing.release()
-        await self._record(record)
+        await self._record(record, fetched)
 
     async def _image(self, item: _Pending, fetched: Fetched) -> Record:
         base = self._base(item, fetched=fetched)
@@ -220,12 +279,12 @@ class _Run:
         result = await self.pool.process(job)
         if isinstance(result, Failure):
             return self._base(item, fetched=fetched, failure=result)
-        first = self.state.claim(result.sha256, item.entry.url)
+        first = await self.ledger.first_url(result.sha256, item.entry.url)
         if first is None:
             try:
-                path, thumbs = await self.store.save(result, fetched.body)
+                path, thumbs = await self._save(result, fetched.body)
             except OSError as exc:
-                self.state.release(result.sha256, item.entry.url)
+                self.ledger.release(result.sha256, item.entry.url)
                 failure = Failure(ErrorKind.STORAGE, str(exc.strerror or exc))
                 return self._base(item, fetched=fetched, failure=failure)
         else:
@@ -243,6 +302,30 @@ class _Run:
             duplicate_of=first,
             detail=fetched.note,
         )
+
+    async def _save(self, result: ImageResult, body: bytes) -> tuple[str, dict[str, str]]:
+        """Store the files; while the disk is full, hold intake and keep trying.
+
+        A full disk is not the image's fault: recording it as failed would lose
+        a good image, so the item waits (still pending in the ledger if killed).
+        """
+        delay = DISK_FULL_RETRY
+        while True:
+            try:
+                saved = await self.store.save(result, body)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if self.disk_ok.is_set():
+                    log.warning("disk full under %s: intake paused, retrying", self.store.root)
+                    self.disk_ok.clear()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            if not self.disk_ok.is_set():
+                log.warning("disk has room again: intake resumed")
+                self.disk_ok.set()
+            return saved
 
     async def _unreachable(self, item: _Pending) -> None:
         """Scheduler reject: the host's breaker is open, fail without a request."""
@@ -289,10 +372,13 @@ class _Run:
         cfg = self.settings.fetch
         return random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * 2 ** (attempt - 1)))
 
-    async def _record(self, record: Record) -> None:
+    async def _record(self, record: Record, fetched: Fetched | None = None) -> None:
         self.stats.add(record)
         self.admitted.release()
-        await self.state.record(record)
+        if fetched is None:
+            await self.ledger.record(record)
+        else:
+            await self.ledger.record(record, fetched.etag, fetched.last_modified)
 
 
 def _failed(entry: UrlEntry, failure: Failure) -> Record:

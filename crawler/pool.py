@@ -48,9 +48,15 @@ def make_executor(settings: PoolSettings, max_pixels: int) -> ProcessPoolExecuto
 
 
 class ImagePool:
-    def __init__(self, executor: Executor, factory: Callable[[], Executor] | None = None) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        factory: Callable[[], Executor] | None = None,
+        fn: Callable[[ImageJob], ImageResult | Failure] = imaging.process,
+    ) -> None:
         self._executor = executor
         self._factory = factory
+        self._fn = fn  # a module-level function: it is pickled by name
         self.rebuilds = 0
 
     @classmethod
@@ -65,7 +71,7 @@ class ImagePool:
         for _ in range(2):
             executor = self._executor
             try:
-                return await loop.run_in_executor(executor, imaging.process, job)
+                return await loop.run_in_executor(executor, self._fn, job)
             except BrokenProcessPool:
                 if self._factory is None:
                     break
@@ -79,6 +85,11 @@ class ImagePool:
             broken.shutdown(wait=False, cancel_futures=True)
             self._executor = self._factory()
             self.rebuilds += 1
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the pool's worker processes (for tests that kill one)."""
+        processes = getattr(self._executor, "_processes", None) or {}
+        return list(processes)
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)

@@ -23,6 +23,7 @@ class Stats:
     bytes: int = 0
     stored: int = 0
     duplicates: int = 0
+    already: int = 0  # done in an earlier run (or still fresh on revalidation)
 
     def add(self, record: Record) -> None:
         self.by_status[record.status] += 1

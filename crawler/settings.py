@@ -40,8 +40,10 @@ class CrawlSettings:
     concurrency: int = 64
     max_pending: int = 10_000
     progress: bool = True
+    grace_period: float = 20.0
 
     def __post_init__(self) -> None:
+        _at_least(self, "grace_period", 0)
         _at_least(self, "concurrency", 1)
         _at_least(self, "max_pending", 1)
 

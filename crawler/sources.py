@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import re
+import string
 import sys
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from crawler.models import UrlEntry
 
@@ -89,17 +91,48 @@ def open_source(spec: str, fmt: str = "auto") -> Source:
 def check_url(raw: str) -> tuple[str | None, str]:
     """Return ``(normalised_url, "")`` for a fetchable URL, else ``(None, reason)``.
 
-    Normalised means: scheme and host lower-cased, IDNA host, default port and
-    fragment dropped, empty path made ``/``. The result is the dedup key and
-    what is fetched; the record keeps the URL as given.
+    The result is the dedup key and what is fetched; the record keeps the URL as
+    given. So only steps that cannot change which resource a server returns are
+    taken, those of RFC 3986 6.2.2 and 6.2.3, and the result is a fixed point
+    (``check_url(key) == (key, "")``):
+
+    * scheme and host lower-cased, the host IDNA-encoded and one trailing dot
+      dropped (the same DNS name); IPv4 literals kept as written (numeric forms
+      are the SSRF guard's business), IPv6 literals lower-cased;
+    * default port, fragment and an empty query (a bare ``?``, which aiohttp
+      never sends anyway) dropped; an empty path made ``/``;
+    * in userinfo, path and query: ``%xx`` upper-cased, escapes of unreserved
+      characters (``A-Z a-z 0-9 - . _ ~``) decoded, escapes of anything else
+      (``%2F``, ``%3F``, ``%26`` ...) kept, and characters that may not appear
+      unescaped (non-ASCII, ``"<>[\\]^`{|}``) encoded as UTF-8 ``%XX``, as
+      aiohttp would encode them when sending;
+    * ``.`` and ``..`` segments removed from the path (RFC 3986 5.2.4).
+
+    A ``%`` that starts no valid escape (``%zz``, a final ``%``) is kept as it
+    is; escapes of hex digits are then not decoded in that component, because a
+    decoded digit next to such a ``%`` could form a new escape (``%%414`` must
+    not become ``%A4``).
+    Query parameters keep their order. Rejected, with a reason: whitespace and
+    control characters, lone surrogates, hosts no resolver would look up
+    (labels over 63 or names over 253 characters, ``%``, ``<`` ...), text
+    between ``]`` and the port, brackets in userinfo. Never raises.
     """
     url = raw.strip()
     if not url:
         return None, "empty URL"
     if len(url) > MAX_URL_LENGTH:
         return None, f"URL longer than {MAX_URL_LENGTH} characters"
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        return None, "URL contains whitespace or control characters"
+    if url.isascii():
+        # For ASCII, printable and no space is exactly "no _BAD_CHAR", and faster.
+        if not url.isprintable() or " " in url:
+            return None, "URL contains whitespace or control characters"
+    else:
+        if _BAD_CHAR.search(url):
+            return None, "URL contains whitespace or control characters"
+        try:
+            url.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "URL contains a lone surrogate (not valid Unicode)"
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -114,17 +147,124 @@ def check_url(raw: str) -> tuple[str | None, str]:
     host = parts.hostname
     if not host:
         return None, "URL has no host"
-    if "[" not in parts.netloc:  # IPv6 literals need no IDNA
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            return None, f"invalid host name {host!r}"
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if "[" in userinfo or "]" in userinfo:
+        # urlsplit checks the first "[...]" of the netloc: it must be the host.
+        return None, "malformed URL: brackets in the user name or password"
+    if hostport.startswith("["):
+        # urlsplit checks what is inside the brackets but ignores anything
+        # between "]" and the port: "[::1]x" must not become "[::1]".
+        after = hostport.partition("]")[2]
+        if after and after[0] != ":":
+            return None, f"malformed host {hostport[:100]!r}"
+        host = f"[{host}]"  # hostname lower-cased the address, not a zone id
+    elif "[" in hostport:
+        return None, f"malformed host {hostport[:100]!r}"
+    elif len(host) > 254:  # 253 and a trailing dot; also bounds the slow IDNA codec's work
+        return None, "host name longer than 253 characters"
     else:
-        host = f"[{host}]"
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError:
+                return None, f"invalid host name {host!r}"
+        if not _HOST_NAME.fullmatch(host):
+            return None, f"invalid host name {host!r}"
+        host = host.removesuffix(".")
+        if len(host) > 253:
+            return None, "host name longer than 253 characters"
     netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
     if parts.username or parts.password:
-        netloc = f"{parts.netloc.rpartition('@')[0]}@{netloc}"
-    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, "")), ""
+        netloc = f"{_normalise_escapes(userinfo, _USERINFO)}@{netloc}"
+    path = _normalise_escapes(parts.path, _PATH) or "/"
+    if "/." in path:
+        path = _remove_dot_segments(path)
+        if "%" in path:  # a stray "%" may have gone with a segment: decode what it held back
+            path = _normalise_escapes(path, _PATH)
+    query = parts.query
+    if query:
+        return f"{scheme}://{netloc}{path}?{_normalise_escapes(query, _QUERY)}", ""
+    return f"{scheme}://{netloc}{path}", ""
+
+
+# C0 controls, space, DEL and any other str.isspace() character.
+_BAD_CHAR = re.compile(r"[\x00-\x20\x7f\s]")
+# A name after IDNA: labels of 1 to 63 characters, one trailing dot allowed (the
+# checks the idna codec makes on ASCII names, without its cost). "%", "\\", "<" ...
+# are not looked up by any resolver: rejected here rather than failing in DNS.
+_HOST_LABEL = r"[A-Za-z0-9\-_~!$&'()*+,;=]{1,63}"
+_HOST_NAME = re.compile(rf"(?:{_HOST_LABEL}\.)*{_HOST_LABEL}\.?")
+_UNRESERVED = string.ascii_letters + string.digits + "-._~"
+_SUB_DELIMS = "!$&'()*+,;="
+_USERINFO_OK = _UNRESERVED + _SUB_DELIMS + ":"
+_PATH_OK = _USERINFO_OK + "@/"
+_QUERY_OK = _PATH_OK + "?"
+
+
+class _Component:
+    """How to normalise one of userinfo, path, query, given the characters it allows as is."""
+
+    def __init__(self, allowed: str) -> None:
+        chars = re.escape(allowed)
+        self.other = re.compile(f"[^{chars}]")  # fast test: is there a "%" or anything to encode?
+        self.work = re.compile(rf"%[0-9A-Fa-f]{{2}}|[^{chars}%]+")  # each escape, each bad run
+
+
+_USERINFO = _Component(_USERINFO_OK)
+_PATH = _Component(_PATH_OK)
+_QUERY = _Component(_QUERY_OK)
+_STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_BYTE_ESCAPE = [f"%{b:02X}" for b in range(256)]
+
+
+def _escape_table(decode: str) -> dict[str, str]:
+    """Every ``%xx`` spelling -> the character if it is in ``decode``, else ``%XX``."""
+    table = {}
+    for a in string.hexdigits:
+        for b in string.hexdigits:
+            char = chr(int(a + b, 16))
+            table[f"%{a}{b}"] = char if char in decode else f"%{a}{b}".upper()
+    return table
+
+
+_ESCAPE_DECODED = _escape_table(_UNRESERVED)
+# Next to a stray "%" a decoded hex digit could form a new escape: "%%414" is
+# not "%A4". Other unreserved characters, "." among them, are still decoded.
+_ESCAPE_DECODED_BUT_HEX = _escape_table(
+    "".join(c for c in _UNRESERVED if c not in string.hexdigits)
+)
+
+
+def _normalise_escapes(text: str, component: _Component) -> str:
+    """Percent-encoding normalisation of one component (RFC 3986 6.2.2.1, 6.2.2.2)."""
+    if not component.other.search(text):
+        return text
+    escapes = _ESCAPE_DECODED
+    if _STRAY_PERCENT.search(text):
+        escapes = _ESCAPE_DECODED_BUT_HEX
+
+    def fix(match: re.Match[str]) -> str:
+        found = match.group()
+        if found[0] == "%":
+            return escapes[found]
+        return "".join([_BYTE_ESCAPE[b] for b in found.encode("utf-8")])
+
+    return component.work.sub(fix, text)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 for an absolute path: "/a/./b/../c" -> "/a/c"."""
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")
+    return "/" + "/".join(out)
 
 
 def _parse(fh: IO[str], fmt: Format, name: str) -> Iterator[UrlEntry]:

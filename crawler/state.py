@@ -1,76 +1,321 @@
-"""What the crawl knows while it runs: URLs seen, content already stored, and the manifest.
+"""The ledger: what the crawl knows, durably. SQLite in WAL mode, one row per input URL.
 
-This run's dedup lives in memory (8-byte digests of normalised URLs, and the
-first URL of each stored sha256); the durable SQLite ledger that makes runs
-resumable replaces it behind the same methods.
+It is the source of truth; ``manifest.jsonl`` is derived from it. Rows are
+written when a URL is first read (``pending``) and when it ends (its record),
+so a crawl interrupted at any point, even by SIGKILL, resumes from here: done
+URLs are not fetched again, pending ones are. A record is committed only after
+its files are in place, so the ledger never names a file that isn't there.
 
-The manifest is written in batches through aiofiles: one JSON object per
-line, one line per input URL.
+SQLite is used from one dedicated thread (its connection never leaves it);
+the event loop talks to it through ``run_in_executor``. Record writes are
+batched: a writer task commits whatever has queued up in one transaction.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import errno
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
-from types import TracebackType
+from typing import Any
 
 import aiofiles
-from aiofiles.threadpool.text import AsyncTextIOWrapper
 
 from crawler.models import Record
+from crawler.neardup import group
 
+log = logging.getLogger(__name__)
+LEDGER = "state.sqlite"
 MANIFEST = "manifest.jsonl"
-FLUSH_EVERY = 256
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS urls (
+    url TEXT PRIMARY KEY,       -- as given in the input
+    key TEXT,                   -- normalised; NULL when invalid
+    seq INTEGER NOT NULL,       -- order first read, for the manifest
+    status TEXT NOT NULL,       -- pending | ok | failed | skipped
+    error TEXT,
+    record TEXT,                -- the manifest record as JSON; NULL while pending
+    done_at REAL,
+    etag TEXT,
+    last_modified TEXT
+);
+CREATE INDEX IF NOT EXISTS urls_key ON urls (key);
+CREATE TABLE IF NOT EXISTS images (
+    sha256 TEXT PRIMARY KEY,
+    url TEXT NOT NULL           -- the URL that stored it first
+);
+"""
 
 
-class CrawlState:
-    def __init__(self, root: Path) -> None:
+class Verdict(Enum):
+    FETCH = "fetch"  # new, pending from an earlier run, or chosen for a retry
+    REFRESH = "refresh"  # ok but old: revalidate with a conditional GET
+    DONE = "done"  # has its record already: nothing to do, no new record
+    DUPLICATE = "duplicate"  # another input line has the same normalised URL
+    INVALID = "invalid"  # new and not fetchable: record it failed
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    verdict: Verdict
+    etag: str | None = None
+    last_modified: str | None = None
+    duplicate_of: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Revisit:
+    """Which finished URLs a run takes up again."""
+
+    retry_failed: frozenset[str] | None = None  # error kinds; empty = every failure
+    refresh_before: float | None = None  # ok rows done before this epoch time
+
+
+class Ledger:
+    def __init__(self, root: Path, revisit: Revisit | None = None) -> None:
         self.root = root
-        self._seen: set[bytes] = set()
-        self._first_url: dict[str, str] = {}
-        self._pending: list[str] = []
-        self._manifest: AsyncTextIOWrapper | None = None
+        self.revisit = revisit or Revisit()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self._db: sqlite3.Connection | None = None
+        self._seq = 0
+        self._claims: dict[str, str] = {}  # sha256 -> URL, for images not yet committed
+        self._queue: asyncio.Queue[tuple[Record, str | None, str | None] | None] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._manifest: Any = None
 
-    async def __aenter__(self) -> CrawlState:
-        self._manifest = await aiofiles.open(self.root / MANIFEST, "w", encoding="utf-8")
+    async def __aenter__(self) -> Ledger:
+        self._seq = await self._call(self._open)
+        await self._call(self._write_manifest)
+        self._manifest = await aiofiles.open(self.root / MANIFEST, "a", encoding="utf-8")
+        self._writer = asyncio.create_task(self._write_records())
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._manifest is not None:
-            await self.flush()
-            await self._manifest.close()
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self._writer is not None:
+                await self._queue.put(None)
+                await asyncio.shield(self._writer)
+            if self._manifest is not None:
+                await self._manifest.close()
+            await self._call(self._write_manifest)
+        finally:
+            await self._call(self._close)
+            self._thread.shutdown(wait=True)
 
-    def first_sighting(self, key: str) -> bool:
-        """True the first time a normalised URL is offered, False for every repeat."""
-        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-        if digest in self._seen:
-            return False
-        self._seen.add(digest)
-        return True
+    async def admit(self, batch: Sequence[tuple[str, str | None]]) -> list[Admission]:
+        """Register ``(url as given, normalised key or None)`` pairs; say what to do with each."""
+        seq = self._seq
+        self._seq += len(batch)
+        admissions: list[Admission] = await self._call(self._admit, batch, seq)
+        return admissions
 
-    def claim(self, sha256: str, url: str) -> str | None:
-        """Claim content for ``url``; returns the URL that claimed it first, if another did."""
-        first = self._first_url.setdefault(sha256, url)
-        return None if first == url else first
+    async def first_url(self, sha256: str, url: str) -> str | None:
+        """Claim content for ``url``: None if it is new, else the URL that has it already."""
+        if (claimed := self._claims.get(sha256)) is not None:
+            return None if claimed == url else claimed
+        stored: str | None = await self._call(self._image_owner, sha256)
+        if stored is not None and stored != url:
+            return stored
+        self._claims.setdefault(sha256, url)
+        return None if self._claims[sha256] == url else self._claims[sha256]
 
     def release(self, sha256: str, url: str) -> None:
-        """Give up a claim whose files could not be written, so a later copy may try again."""
-        if self._first_url.get(sha256) == url:
-            del self._first_url[sha256]
+        if self._claims.get(sha256) == url:
+            del self._claims[sha256]
 
-    async def record(self, record: Record) -> None:
-        self._pending.append(record.to_json() + "\n")
-        if len(self._pending) >= FLUSH_EVERY:
-            await self.flush()
+    async def still_fresh(self, url: str) -> None:
+        """A revalidation said 304: keep the record, restart its clock."""
+        await self._call(self._touch, url)
 
-    async def flush(self) -> None:
-        if self._manifest is None or not self._pending:
-            return
-        lines, self._pending = self._pending, []
-        await self._manifest.write("".join(lines))
-        await self._manifest.flush()
+    async def record(
+        self, record: Record, etag: str | None = None, last_modified: str | None = None
+    ) -> None:
+        """Queue a final record; the writer commits it and appends it to the manifest."""
+        await self._queue.put((record, etag, last_modified))
+
+    async def _write_records(self) -> None:
+        done = False
+        while not done:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            done = batch[-1] is None
+            items = [item for item in batch if item is not None]
+            if not items:
+                continue
+            await self._retry_while_full(self._commit, items)
+            for record, _, _ in items:
+                if record.sha256 is not None:
+                    self._claims.pop(record.sha256, None)
+            await self._manifest.write("".join(r.to_json() + "\n" for r, _, _ in items))
+            await self._manifest.flush()
+
+    async def _retry_while_full(self, fn: Any, *args: Any) -> None:
+        """A full disk pauses the ledger rather than losing records (nothing is lost by waiting)."""
+        delay = 1.0
+        while True:
+            try:
+                await self._call(fn, *args)
+                return
+            except (sqlite3.OperationalError, OSError) as exc:
+                full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+                if not (full or "full" in str(exc)):
+                    raise
+                log.warning("disk full: ledger write waits %.0fs (%s)", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # --- below here runs on the ledger thread only ---
+
+    def _open(self) -> int:
+        self._db = sqlite3.connect(self.root / LEDGER, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a commit survives a process crash (SIGKILL) at once and a power
+        # cut after the next checkpoint; a lost commit only means a URL is redone.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        (seq,) = self._db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM urls").fetchone()
+        return int(seq)
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _admit(self, batch: Sequence[tuple[str, str | None]], seq: int) -> list[Admission]:
+        db = self._db
+        assert db is not None
+        out: list[Admission] = []
+        db.execute("BEGIN")
+        try:
+            for offset, (url, key) in enumerate(batch):
+                row = db.execute(
+                    "SELECT status, error, done_at, etag, last_modified FROM urls WHERE url = ?",
+                    (url,),
+                ).fetchone()
+                if row is not None:
+                    out.append(self._revisit(*row))
+                    continue
+                owner = None
+                if key is not None:
+                    found = db.execute(
+                        "SELECT url FROM urls WHERE key = ? LIMIT 1", (key,)
+                    ).fetchone()
+                    owner = found[0] if found else None
+                db.execute(
+                    "INSERT INTO urls (url, key, seq, status) VALUES (?, ?, ?, 'pending')",
+                    (url, key, seq + offset),
+                )
+                if key is None:
+                    out.append(Admission(Verdict.INVALID))
+                elif owner is not None:
+                    out.append(Admission(Verdict.DUPLICATE, duplicate_of=owner))
+                else:
+                    out.append(Admission(Verdict.FETCH))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return out
+
+    def _revisit(
+        self,
+        status: str,
+        error: str | None,
+        done_at: float | None,
+        etag: str | None,
+        last_modified: str | None,
+    ) -> Admission:
+        retry = self.revisit.retry_failed
+        if status == "pending":
+            return Admission(Verdict.FETCH)
+        if status == "failed" and retry is not None and (not retry or error in retry):
+            return Admission(Verdict.FETCH)
+        before = self.revisit.refresh_before
+        if status == "ok" and before is not None and (done_at or 0) < before:
+            return Admission(Verdict.REFRESH, etag, last_modified)
+        return Admission(Verdict.DONE)
+
+    def _touch(self, url: str) -> None:
+        assert self._db is not None
+        self._db.execute("UPDATE urls SET done_at = ? WHERE url = ?", (time.time(), url))
+
+    def _image_owner(self, sha256: str) -> str | None:
+        assert self._db is not None
+        row = self._db.execute("SELECT url FROM images WHERE sha256 = ?", (sha256,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _commit(self, items: Iterable[tuple[Record, str | None, str | None]]) -> None:
+        db = self._db
+        assert db is not None
+        now = time.time()
+        db.execute("BEGIN")
+        try:
+            for record, etag, last_modified in items:
+                db.execute(
+                    "UPDATE urls SET status = ?, error = ?, record = ?, done_at = ?,"
+                    " etag = COALESCE(?, etag), last_modified = COALESCE(?, last_modified)"
+                    " WHERE url = ?",
+                    (
+                        record.status,
+                        record.error,
+                        record.to_json(),
+                        now,
+                        etag,
+                        last_modified,
+                        record.url,
+                    ),
+                )
+                if record.status == "ok" and record.sha256 and record.duplicate_of is None:
+                    db.execute(
+                        "INSERT OR IGNORE INTO images (sha256, url) VALUES (?, ?)",
+                        (record.sha256, record.url),
+                    )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _write_manifest(self) -> None:
+        """Rewrite the manifest from the ledger, near-duplicate groups included; atomically."""
+        db = self._db
+        assert db is not None
+        rows = db.execute(
+            "SELECT json_extract(record, '$.phash'), json_extract(record, '$.sha256') FROM urls"
+            " WHERE status = 'ok' AND json_extract(record, '$.phash') IS NOT NULL ORDER BY seq"
+        ).fetchall()
+        first_sha: dict[str, str] = {}
+        by_sha = {sha: phash for phash, sha in rows}
+        shas = list(dict.fromkeys(sha for _, sha in rows))
+        labels = group([by_sha[s] for s in shas]) if shas else []
+        sizes: dict[int, int] = {}
+        for label in labels:
+            sizes[label] = sizes.get(label, 0) + 1
+        for sha, label in zip(shas, labels, strict=True):
+            if sizes[label] > 1:
+                first_sha[sha] = shas[label]
+        tmp = self.root / f".{MANIFEST}.tmp"
+        with tmp.open("w", encoding="utf-8") as fh:
+            for (text,) in db.execute(
+                "SELECT record FROM urls WHERE record IS NOT NULL ORDER BY seq"
+            ):
+                line = text
+                if first_sha:
+                    record = json.loads(text)
+                    record["near_dup_group"] = first_sha.get(record.get("sha256") or "")
+                    line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+                fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(self.root / MANIFEST)

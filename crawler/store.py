@@ -1,16 +1,20 @@
 """Content-addressed storage with atomic writes.
 
 Originals live at ``images/ab/cd/<sha256>.<ext>``, thumbnails at
-``thumbs/<size>/ab/cd/<sha256>.<ext>``. A file is written under a temporary
-name in its final directory and renamed into place, so a reader (or a crawl
-resumed after a crash) never sees half an image: the name exists only once
-the whole content does. Since the name is the content's hash, a path that
-already exists needs no second write.
+``thumbs/<size>/ab/cd/<sha256>.<ext>``. A file is written to ``.tmp/``,
+fsynced, and renamed into place, so a reader (or a crawl resumed after a
+crash) never sees half an image: the name exists only once the whole content
+does. ``.tmp/`` is on the same filesystem (the rename is atomic) and one
+directory, so what a crash leaves behind is cleared at start-up without
+walking the tree. Since the name is the content's hash, a path that already
+exists needs no second write.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import secrets
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import aiofiles.os
 from crawler.models import ImageResult
 
 TMP_PREFIX = ".tmp-"
+TMP_DIR = ".tmp"
 
 
 def image_path(sha256: str, ext: str) -> str:
@@ -44,6 +49,14 @@ class Store:
         }
         return image_path(result.sha256, result.ext), thumbs
 
+    async def clean(self) -> None:
+        """Remove temporary files a crashed run left behind."""
+        tmp = self.root / TMP_DIR
+        await aiofiles.os.makedirs(tmp, exist_ok=True)
+        for name in await aiofiles.os.listdir(tmp):
+            with contextlib.suppress(FileNotFoundError):
+                await aiofiles.os.remove(tmp / name)
+
     async def save(self, result: ImageResult, body: bytes) -> tuple[str, dict[str, str]]:
         """Write the original and its thumbnails (those not already there). Raises OSError."""
         original, thumbs = self.paths(result)
@@ -56,13 +69,18 @@ class Store:
         path = self.root / relative
         if await aiofiles.os.path.exists(path):
             return
-        if path.parent not in self._dirs:
-            await aiofiles.os.makedirs(path.parent, exist_ok=True)
-            self._dirs.add(path.parent)
-        tmp = path.with_name(f"{TMP_PREFIX}{secrets.token_hex(6)}-{path.name}")
+        for directory in (path.parent, self.root / TMP_DIR):
+            if directory not in self._dirs:
+                await aiofiles.os.makedirs(directory, exist_ok=True)
+                self._dirs.add(directory)
+        tmp = self.root / TMP_DIR / f"{TMP_PREFIX}{secrets.token_hex(6)}-{path.name}"
         try:
             async with aiofiles.open(tmp, "wb") as fh:
                 await fh.write(data)
+                await fh.flush()
+                # Data on disk before the name: after a power cut the name never
+                # points at an empty file (the ledger commit comes later still).
+                await asyncio.to_thread(os.fsync, fh.fileno())
             await aiofiles.os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

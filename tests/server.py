@@ -10,6 +10,7 @@ on several loopback addresses stands in for several hosts.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -36,6 +37,7 @@ class LocalServer:
         self.gate = asyncio.Event()  # /held waits on this
         self.gate.set()
         self.delay = 0.0  # /img waits this long first
+        self.not_modified = 0  # 304s answered to conditional requests
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -114,7 +116,11 @@ class LocalServer:
         if name not in self.files:
             raise web.HTTPNotFound()
         body, content_type = self.files[name]
-        return web.Response(body=body, content_type=content_type)
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        if request.headers.get("If-None-Match") == etag:
+            self.not_modified += 1
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(body=body, content_type=content_type, headers={"ETag": etag})
 
     async def _held(self, request: web.Request) -> web.Response:
         await self.gate.wait()

@@ -16,7 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from crawler import samples
 from crawler.fetch import Fetcher, classify, retry_after
-from crawler.models import Fetched, FetchFailed
+from crawler.models import Fetched, FetchFailed, NotModified
 from crawler.settings import Settings, load_settings
 from tests.server import LocalServer
 
@@ -36,7 +36,9 @@ def settings(**fetch: Any) -> Settings:
 
 async def attempt(url: str, cfg: Settings | None = None) -> Fetched | FetchFailed:
     async with Fetcher(cfg or settings()) as fetcher:
-        return await fetcher.attempt(url)
+        result = await fetcher.attempt(url)
+    assert not isinstance(result, NotModified)  # only a conditional GET gets a 304
+    return result
 
 
 async def test_body_type_and_sniffed_format_come_back() -> None:

@@ -21,6 +21,7 @@ from tests.server import LocalServer
 SCHEMA = {
     "url", "status", "error", "detail", "http_status", "final_url", "content_type", "bytes",
     "sha256", "phash", "width", "height", "format", "path", "thumbnails", "duplicate_of",
+    "near_dup_group",
     "meta", "fetched_at", "elapsed_ms", "attempts",
 }  # fmt: skip
 INVALID = [
@@ -108,7 +109,8 @@ async def test_every_kind_of_input_ends_as_the_right_record(
     assert len(list((out / "images").rglob("*.jpg"))) == 3  # photo, cmyk, rotated
     assert summary.duplicates == 1
 
-    assert got[repeat]["status"] == "skipped" and got[repeat]["detail"] == "duplicate URL"
+    assert got[repeat]["status"] == "skipped"
+    assert got[repeat]["detail"] == f"duplicate of {u['jpeg']}"
     assert server.hits["/img/photo.jpg"] == 1
 
     expected_errors = {"html": "not_an_image", "bomb": "decompression_bomb", "missing": "http_404"}
