@@ -45,12 +45,59 @@ class HostPolicy:
     breaker_cooldown: float = 60.0
 
 
+class FairQueue:
+    """A host's waiting items, taken in turn from each owner (a crawl job).
+
+    A big job with thousands of URLs for a host must not make a small job
+    submitted later wait behind all of them.
+    """
+
+    def __init__(self) -> None:
+        self._by_owner: dict[object, deque[Any]] = {}
+        self._turns: deque[object] = deque()
+        self._size = 0
+
+    def append(self, item: Any, owner: object = None) -> None:
+        if owner not in self._by_owner:
+            self._by_owner[owner] = deque()
+            self._turns.append(owner)
+        self._by_owner[owner].append(item)
+        self._size += 1
+
+    def popleft(self) -> Any:
+        owner = self._turns.popleft()
+        items = self._by_owner[owner]
+        item = items.popleft()
+        if items:
+            self._turns.append(owner)
+        else:
+            del self._by_owner[owner]
+        self._size -= 1
+        return item
+
+    def remove_if(self, predicate: Callable[[Any], bool]) -> int:
+        removed = 0
+        for owner in list(self._by_owner):
+            kept = deque(i for i in self._by_owner[owner] if not predicate(i))
+            removed += len(self._by_owner[owner]) - len(kept)
+            if kept:
+                self._by_owner[owner] = kept
+            else:
+                del self._by_owner[owner]
+                self._turns.remove(owner)
+        self._size -= removed
+        return removed
+
+    def __len__(self) -> int:
+        return self._size
+
+
 @dataclass
 class Host:
     key: str
     limit: float
     active: int = 0
-    queue: deque[Any] = field(default_factory=deque)
+    queue: FairQueue = field(default_factory=FairQueue)
     resume_at: float = 0.0  # no new request before this (Retry-After, rate)
     failures: int = 0  # consecutive UNREACHABLE outcomes
     open_until: float | None = None  # breaker open until this time
@@ -82,7 +129,10 @@ class Scheduler(Generic[T]):
         work: Callable[[T], Coroutine[Any, Any, None]],
         reject: Callable[[T], Coroutine[Any, Any, None]],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        owner: Callable[[T], object] = lambda item: None,
     ) -> None:
+        self._owner = owner
         self.policy = policy
         self._free = slots
         self._work = work
@@ -91,6 +141,8 @@ class Scheduler(Generic[T]):
         self.hosts: dict[str, Host] = {}
         self._runnable: deque[Host] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], T] = {}
+        self._delayed: dict[asyncio.TimerHandle, T] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._pending = 0  # items queued, delayed or running
         self._idle = asyncio.Event()
@@ -105,7 +157,13 @@ class Scheduler(Generic[T]):
         self._pending += 1
         self._idle.clear()
         if delay > 0:
-            self._later(delay, lambda: self._enqueue(key, item))
+
+            def due() -> None:
+                self._delayed.pop(handle, None)
+                self._enqueue(key, item)
+
+            handle = self._later(delay, due)
+            self._delayed[handle] = item
         else:
             self._enqueue(key, item)
 
@@ -119,6 +177,22 @@ class Scheduler(Generic[T]):
             handle.cancel()
         for task in self._tasks:
             task.cancel()
+
+    def discard(self, predicate: Callable[[T], bool]) -> None:
+        """Forget the items ``predicate`` picks: queued and delayed ones are dropped,
+        running ones cancelled (a crawl that ends early, a cancelled job)."""
+        for host in list(self.hosts.values()):
+            for _ in range(host.queue.remove_if(predicate)):
+                self._item_done()
+        for handle, item in list(self._delayed.items()):
+            if predicate(item):
+                handle.cancel()
+                self._timers.discard(handle)
+                del self._delayed[handle]
+                self._item_done()
+        for task, item in list(self._running.items()):
+            if predicate(item):
+                task.cancel()
 
     def done(self, key: str, outcome: Outcome, pause: float = 0.0) -> None:
         """Feed back how a request to ``key`` went; ``pause`` holds the whole host (Retry-After)."""
@@ -169,7 +243,7 @@ class Scheduler(Generic[T]):
                 host.resume_at = self._clock() + 1.0 / self.policy.rate
             self._free -= 1
             probe = host.open_until if host.probing else None
-            self._spawn(self._run(host, item, probe))
+            self._running[self._spawn(self._run(host, item, probe))] = item
             if host.queue:
                 # Back of the line: other hosts get their turn first, but this
                 # pass goes on while slots are free and the host has room.
@@ -184,7 +258,7 @@ class Scheduler(Generic[T]):
         if self._is_open(host):
             self._spawn(self._finish_after(self._reject(item)))
             return
-        host.queue.append(item)
+        host.queue.append(item, self._owner(item))
         self._make_runnable(host)
 
     def _make_runnable(self, host: Host) -> None:
@@ -251,21 +325,24 @@ class Scheduler(Generic[T]):
         while host.queue:
             self._spawn(self._finish_after(self._reject(host.queue.popleft())))
 
-    def _later(self, delay: float, callback: Callable[[], None]) -> None:
+    def _later(self, delay: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
         def fire() -> None:
             self._timers.discard(handle)
             callback()
 
         handle = asyncio.get_running_loop().call_later(delay, fire)
         self._timers.add(handle)
+        return handle
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
+        return task
 
     def _reap(self, task: asyncio.Task[None]) -> None:
         """Work and reject should not raise; if they do, log it (the slot is already back)."""
         self._tasks.discard(task)
+        self._running.pop(task, None)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("scheduled work failed", exc_info=exc)

@@ -79,40 +79,82 @@ async def crawl(
     admitted are finished. Cancelling the call abandons what is in flight;
     it stays pending in the ledger for the next run.
     """
-    out = Path(settings.crawl.out)
-    await aiofiles.os.makedirs(out, exist_ok=True)
-    stats = stats or Stats()
-    pool = (
-        ImagePool(executor)
-        if executor is not None
-        else ImagePool.from_settings(settings.pool, settings.image.max_pixels)
-    )
-    reporter = asyncio.create_task(Progress(stats, enabled=progress).run())
-    try:
-        store = Store(out, settings.image.thumb_spec().ext)
-        await store.clean()
-        async with Ledger(out, revisit) as ledger, Fetcher(settings) as fetcher:
-            run = _Run(
-                settings=settings,
-                ledger=ledger,
-                fetcher=fetcher,
-                pool=pool,
-                store=store,
-                stats=stats,
-            )
-            await run.go(entries, stop or asyncio.Event())
-    finally:
-        reporter.cancel()
-        await asyncio.gather(reporter, return_exceptions=True)
-        if executor is None:
-            await pool.shutdown()
-    return stats.summary()
+    async with Engine(settings, executor) as engine:
+        return await engine.crawl(
+            entries, settings, stats=stats, progress=progress, revisit=revisit, stop=stop
+        )
+
+
+class Engine:
+    """What every crawl in a process shares: one session, one host scheduler, one process pool.
+
+    The command line runs one crawl on it; the service runs one per job at
+    the same time, so per-host limits and the pool are shared between jobs.
+    """
+
+    def __init__(self, settings: Settings, executor: Executor | None = None) -> None:
+        self.settings = settings
+        self._own_pool = executor is None
+        self.pool = (
+            ImagePool(executor)
+            if executor is not None
+            else ImagePool.from_settings(settings.pool, settings.image.max_pixels)
+        )
+        self.fetcher = Fetcher(settings)
+        self.robots = RobotsCache(self.fetcher.robots_txt, settings.fetch.user_agent)
+        self.scheduler: Scheduler[_Pending] = Scheduler(
+            settings.hosts.policy(),
+            settings.crawl.concurrency,
+            lambda item: item.run.fetch(item),
+            lambda item: item.run.unreachable(item),
+            owner=lambda item: item.run,
+        )
+
+    async def __aenter__(self) -> Engine:
+        await self.fetcher.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.scheduler.cancel()
+        try:
+            await self.fetcher.__aexit__(None, None, None)
+        finally:
+            if self._own_pool:
+                await self.pool.shutdown()
+
+    async def crawl(
+        self,
+        entries: AsyncIterator[UrlEntry],
+        settings: Settings,
+        *,
+        stats: Stats | None = None,
+        progress: bool = False,
+        revisit: Revisit | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> Summary:
+        """One crawl on the shared engine. ``settings`` may differ from the engine's in
+        what is per crawl: the output directory, image and retry options."""
+        out = Path(settings.crawl.out)
+        await aiofiles.os.makedirs(out, exist_ok=True)
+        stats = stats or Stats()
+        reporter = asyncio.create_task(Progress(stats, enabled=progress).run())
+        try:
+            store = Store(out, settings.image.thumb_spec().ext)
+            await store.clean()
+            async with Ledger(out, revisit) as ledger:
+                run = _Run(self, settings=settings, ledger=ledger, store=store, stats=stats)
+                await run.go(entries, stop or asyncio.Event())
+        finally:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+        return stats.summary()
 
 
 @dataclass(eq=False)
 class _Pending:
     """One admitted URL on its way through; lives on the event loop only."""
 
+    run: _Run
     entry: UrlEntry
     url: str
     host: str
@@ -125,29 +167,23 @@ class _Pending:
 
 class _Run:
     def __init__(
-        self,
-        *,
-        settings: Settings,
-        ledger: Ledger,
-        fetcher: Fetcher,
-        pool: ImagePool,
-        store: Store,
-        stats: Stats,
+        self, engine: Engine, *, settings: Settings, ledger: Ledger, store: Store, stats: Stats
     ) -> None:
         self.settings = settings
         self.ledger = ledger
-        self.fetcher = fetcher
-        self.pool = pool
+        self.fetcher = engine.fetcher
+        self.pool = engine.pool
+        self.robots = engine.robots
+        self.scheduler = engine.scheduler
         self.store = store
         self.stats = stats
         self.spec = settings.image.thumb_spec()
         self.admitted = asyncio.Semaphore(settings.crawl.max_pending)
+        self.open = 0  # admitted and not yet ended
+        self.reading = True
+        self.finished = asyncio.Event()
         # Enough bodies queued for the pool that no worker waits on the network.
         self.processing = asyncio.Semaphore(max(4, 2 * settings.pool.size))
-        self.robots = RobotsCache(fetcher.robots_txt, settings.fetch.user_agent)
-        self.scheduler: Scheduler[_Pending] = Scheduler(
-            settings.hosts.policy(), settings.crawl.concurrency, self._fetch, self._unreachable
-        )
         self.tasks: asyncio.TaskGroup | None = None
         self.disk_ok = asyncio.Event()
         self.disk_ok.set()
@@ -157,9 +193,19 @@ class _Run:
             async with asyncio.TaskGroup() as tg:
                 self.tasks = tg
                 await self._read(entries, stop)
-                await self.scheduler.wait_idle()
+                self.reading = False
+                if self.open == 0:
+                    self.finished.set()
+                await self.finished.wait()
         finally:
-            self.scheduler.cancel()
+            self.scheduler.discard(lambda item: item.run is self)
+
+    def _release(self) -> None:
+        """One admitted URL has ended (recorded, or needing no record)."""
+        self.admitted.release()
+        self.open -= 1
+        if self.open == 0 and not self.reading:
+            self.finished.set()
 
     async def _read(self, entries: AsyncIterator[UrlEntry], stop: asyncio.Event) -> None:
         """Admit entries in batches (one ledger transaction each), never past ``max_pending``."""
@@ -172,6 +218,7 @@ class _Run:
                 await self._admit(batch)
                 batch = []
             await self.admitted.acquire()
+            self.open += 1
             await self.disk_ok.wait()
             url, reason = (None, entry.problem) if entry.problem else check_url(entry.url)
             batch.append((entry, url, reason))
@@ -187,7 +234,7 @@ class _Run:
             verdict = admission.verdict
             if verdict is Verdict.DONE:
                 self.stats.already += 1
-                self.admitted.release()
+                self._release()
             elif verdict is Verdict.INVALID:
                 await self._record(_failed(entry, Failure(ErrorKind.INVALID_URL, reason)))
             elif verdict is Verdict.DUPLICATE:
@@ -198,11 +245,11 @@ class _Run:
                 parts = urlsplit(url)
                 host = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
                 now = datetime.now(UTC).isoformat(timespec="seconds")
-                item = _Pending(entry, url, host, time.monotonic(), now)
+                item = _Pending(self, entry, url, host, time.monotonic(), now)
                 item.etag, item.last_modified = admission.etag, admission.last_modified
                 self.scheduler.submit(host, item)
 
-    async def _fetch(self, item: _Pending) -> None:
+    async def fetch(self, item: _Pending) -> None:
         """Scheduler work: one attempt; then retry later, record, or pass the body on."""
         try:
             if self.settings.hosts.respect_robots and not await self.robots.allowed(item.url):
@@ -215,7 +262,7 @@ class _Run:
                 self.scheduler.done(item.host, Outcome.OK)
                 await self.ledger.still_fresh(item.entry.url)
                 self.stats.already += 1
-                self.admitted.release()
+                self._release()
                 return
             if isinstance(result, FetchFailed):
                 await self._failed_attempt(item, result)
@@ -327,7 +374,7 @@ class _Run:
                 self.disk_ok.set()
             return saved
 
-    async def _unreachable(self, item: _Pending) -> None:
+    async def unreachable(self, item: _Pending) -> None:
         """Scheduler reject: the host's breaker is open, fail without a request."""
         failure = Failure(ErrorKind.HOST_UNREACHABLE, f"{item.host} failed repeatedly; not tried")
         await self._record(self._base(item, failure=failure))
@@ -374,7 +421,7 @@ class _Run:
 
     async def _record(self, record: Record, fetched: Fetched | None = None) -> None:
         self.stats.add(record)
-        self.admitted.release()
+        self._release()
         if fetched is None:
             await self.ledger.record(record)
         else:

@@ -46,6 +46,7 @@ class Stats:
             bytes=self.bytes,
             stored=self.stored,
             duplicates=self.duplicates,
+            already=self.already,
             seconds=time.monotonic() - self.started,
         )
 
@@ -58,6 +59,7 @@ class Summary:
     bytes: int
     stored: int
     duplicates: int
+    already: int
     seconds: float
 
     @property
@@ -71,6 +73,8 @@ class Summary:
             f"  {self.images_per_second:.1f} images/s, {_mb(self.bytes)} fetched, "
             f"{self.stored} new files, {self.duplicates} duplicates",
         ]
+        if self.already:
+            lines.append(f"  {self.already} URLs done in an earlier run (not fetched again)")
         if self.by_error:
             errors = ", ".join(f"{kind} {n}" for kind, n in self.by_error.items())
             lines.append(f"  errors: {errors}")

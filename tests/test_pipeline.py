@@ -13,7 +13,7 @@ from PIL import Image
 
 from crawler import samples
 from crawler.models import ImageJob, UrlEntry
-from crawler.pipeline import crawl
+from crawler.pipeline import Engine, crawl
 from crawler.store import TMP_PREFIX
 from tests.conftest import by_url, entries, make_settings, read_manifest
 from tests.server import LocalServer
@@ -205,3 +205,51 @@ async def test_a_bug_in_one_url_is_recorded_as_internal(
         "internal",
         "RuntimeError: boom",
     )
+
+
+async def test_jobs_on_one_engine_share_hosts_fairly(
+    server: LocalServer, executor: ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    """A small crawl started after a big one on the same host finishes long before it."""
+    server.delay = 0.02
+    server.add("a.gif", samples.gif_palette(), "image/gif")
+    big = [server.url(f"/img/a.gif?big={i}") for i in range(120)]
+    small = [server.url(f"/img/a.gif?small={i}") for i in range(5)]
+    settings = make_settings(tmp_path, hosts={"per_host": 2, "adaptive": False})
+    done: dict[str, float] = {}
+
+    async with Engine(settings, executor) as engine:
+
+        async def job(name: str, urls: list[str], delay: float) -> None:
+            await asyncio.sleep(delay)
+            job_settings = make_settings(tmp_path / name, hosts={"per_host": 2})
+            await engine.crawl(entries(urls), job_settings)
+            done[name] = asyncio.get_running_loop().time()
+
+        await asyncio.gather(job("big", big, 0), job("small", small, 0.1))
+    assert len(read_manifest(tmp_path / "big")) == 120
+    assert len(read_manifest(tmp_path / "small")) == 5
+    # alone, the big job takes ~1.2 s; taking turns, the small one needs ~10 of its slots
+    assert done["big"] - done["small"] > 0.6
+
+
+async def test_a_cancelled_crawl_leaves_the_engine_to_the_others(
+    server: LocalServer, executor: ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    server.add("a.gif", samples.gif_palette(), "image/gif")
+    server.gate.clear()
+    settings = make_settings(tmp_path)
+    async with Engine(settings, executor) as engine:
+        held = asyncio.create_task(
+            engine.crawl(entries([server.url(f"/held/a.gif?n={i}") for i in range(50)]),
+                         make_settings(tmp_path / "held"))
+        )  # fmt: skip
+        await asyncio.sleep(0.3)
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert engine.scheduler.in_flight == 0
+        server.gate.set()
+        urls = [server.url(f"/img/a.gif?n={i}") for i in range(10)]
+        summary = await engine.crawl(entries(urls), make_settings(tmp_path / "next"))
+    assert summary.by_status == {"ok": 10}

@@ -1,0 +1,1 @@
+"""Integration with the service manager that runs the crawler (systemd)."""
