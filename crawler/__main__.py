@@ -30,6 +30,7 @@ from crawler.dups import near_duplicates, render
 from crawler.errors import ErrorKind
 from crawler.pipeline import crawl
 from crawler.report import Stats
+from crawler.service.server import serve
 from crawler.settings import Settings, SettingsError, load_settings
 from crawler.sources import FORMATS, Source, SourceError, open_source
 from crawler.state import LEDGER, MANIFEST, Revisit
@@ -122,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["dups"]:
         return dups_main(args_list[1:])
+    if args_list[:1] == ["serve"]:
+        return serve_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
@@ -140,6 +143,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_run(source, settings, revisit, quiet=args.quiet))
+
+
+def serve_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="crawler serve",
+        description="Run the crawl service: an HTTP API that accepts crawl jobs (see README).",
+    )
+    parser.add_argument("-c", "--config", metavar="FILE", type=Path, help="TOML settings file")
+    parser.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: 8080)")
+    args = parser.parse_args(argv)
+    flags = {"host": args.host, "port": args.port}
+    service = {k: v for k, v in flags.items() if v is not None}
+    try:
+        env_config = os.environ.get("CRAWLER_CONFIG")
+        config = args.config or (Path(env_config) if env_config else None)
+        settings = load_settings(config, os.environ, {"service": service} if service else None)
+    except SettingsError as exc:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
+    token = settings.service.token or os.environ.get("CRAWLER_TOKEN", "")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(settings, token))
 
 
 def dups_main(argv: Sequence[str]) -> int:

@@ -16,6 +16,7 @@ from enum import StrEnum
 
 class ErrorKind(StrEnum):
     INVALID_URL = "invalid_url"
+    BLOCKED_ADDRESS = "blocked_address"
     TIMEOUT = "timeout"
     DNS = "dns"
     CONNECTION = "connection"

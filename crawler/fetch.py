@@ -27,6 +27,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from crawler.errors import ErrorKind, http_error
+from crawler.guard import AddressPolicy, GuardedResolver, blocked_cause, guard_middleware
 from crawler.models import Failure, Fetched, FetchFailed, NotModified
 from crawler.probe import SNIFF_BYTES, Limits, check_geometry, dimensions, sniff
 from crawler.settings import Settings
@@ -37,7 +38,12 @@ ROBOTS_MAX_BYTES = 512 * 1024
 
 
 class Fetcher:
-    def __init__(self, settings: Settings) -> None:
+    """``policy``, when given, is the SSRF guard: every connection (redirect hops and
+    robots.txt included) must go to an address it allows, or fails as ``blocked_address``."""
+
+    def __init__(self, settings: Settings, policy: AddressPolicy | None = None) -> None:
+        self._policy = policy
+        self._resolver: GuardedResolver | None = None
         self._cfg = settings.fetch
         self._hosts = settings.hosts
         self._slots = settings.crawl.concurrency
@@ -52,10 +58,13 @@ class Fetcher:
     async def __aenter__(self) -> Fetcher:
         # Our scheduler keeps requests within these limits, so the connector
         # never makes a request wait (and spend its deadline) for a connection.
+        if self._policy is not None:
+            self._resolver = GuardedResolver(self._policy)
         connector = aiohttp.TCPConnector(
             limit=self._slots + 16,  # + robots.txt fetches
             limit_per_host=self._hosts.per_host + 1,
             ttl_dns_cache=self._cfg.ttl_dns_cache,
+            resolver=self._resolver,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -69,6 +78,8 @@ class Fetcher:
             },
             cookie_jar=None if self._cfg.cookies else aiohttp.DummyCookieJar(),
             trust_env=False,
+            # Literal IPs never reach the resolver: the middleware checks each hop's URL.
+            middlewares=() if self._policy is None else (guard_middleware(self._policy),),
         )
         return self
 
@@ -80,6 +91,8 @@ class Fetcher:
     ) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._resolver is not None:
+            await self._resolver.close()  # the connector does not close a resolver it was given
 
     async def attempt(
         self, url: str, etag: str | None = None, last_modified: str | None = None
@@ -243,7 +256,9 @@ def classify(exc: BaseException, in_body: bool = False) -> Failure:
     """
     detail = (str(exc) or type(exc).__name__)[:300]
     kind: ErrorKind
-    if isinstance(exc, TimeoutError):
+    if blocked_cause(exc) is not None:
+        kind = ErrorKind.BLOCKED_ADDRESS
+    elif isinstance(exc, TimeoutError):
         kind = ErrorKind.TIMEOUT
     elif isinstance(exc, aiohttp.TooManyRedirects):
         kind = ErrorKind.TOO_MANY_REDIRECTS

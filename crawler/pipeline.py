@@ -38,6 +38,7 @@ import aiofiles.os
 
 from crawler.errors import RETRYABLE_KINDS, SKIP_KINDS, ErrorKind, retryable_status
 from crawler.fetch import Fetcher
+from crawler.guard import AddressPolicy
 from crawler.hosts import Outcome, Scheduler
 from crawler.models import (
     Failure,
@@ -92,7 +93,12 @@ class Engine:
     the same time, so per-host limits and the pool are shared between jobs.
     """
 
-    def __init__(self, settings: Settings, executor: Executor | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        executor: Executor | None = None,
+        policy: AddressPolicy | None = None,
+    ) -> None:
         self.settings = settings
         self._own_pool = executor is None
         self.pool = (
@@ -100,7 +106,7 @@ class Engine:
             if executor is not None
             else ImagePool.from_settings(settings.pool, settings.image.max_pixels)
         )
-        self.fetcher = Fetcher(settings)
+        self.fetcher = Fetcher(settings, policy)
         self.robots = RobotsCache(self.fetcher.robots_txt, settings.fetch.user_agent)
         self.scheduler: Scheduler[_Pending] = Scheduler(
             settings.hosts.policy(),
@@ -131,17 +137,25 @@ class Engine:
         progress: bool = False,
         revisit: Revisit | None = None,
         stop: asyncio.Event | None = None,
+        ledger_dir: Path | None = None,
     ) -> Summary:
         """One crawl on the shared engine. ``settings`` may differ from the engine's in
-        what is per crawl: the output directory, image and retry options."""
+        what is per crawl: the output directory, image and retry options.
+
+        ``ledger_dir`` (default: the output directory) holds this crawl's ledger
+        and manifest; crawls that share an output directory (the service's
+        jobs) share its files but keep their own ledgers. Temporary files are
+        then not cleared here: another crawl may be writing them.
+        """
         out = Path(settings.crawl.out)
-        await aiofiles.os.makedirs(out, exist_ok=True)
+        await aiofiles.os.makedirs(ledger_dir or out, exist_ok=True)
         stats = stats or Stats()
         reporter = asyncio.create_task(Progress(stats, enabled=progress).run())
         try:
             store = Store(out, settings.image.thumb_spec().ext)
-            await store.clean()
-            async with Ledger(out, revisit) as ledger:
+            if ledger_dir is None:
+                await store.clean()
+            async with Ledger(ledger_dir or out, revisit) as ledger:
                 run = _Run(self, settings=settings, ledger=ledger, store=store, stats=stats)
                 await run.go(entries, stop or asyncio.Event())
         finally:

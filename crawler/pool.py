@@ -58,6 +58,7 @@ class ImagePool:
         self._factory = factory
         self._fn = fn  # a module-level function: it is pickled by name
         self.rebuilds = 0
+        self.busy = 0  # images submitted and not yet back
 
     @classmethod
     def from_settings(cls, settings: PoolSettings, max_pixels: int) -> ImagePool:
@@ -67,6 +68,13 @@ class ImagePool:
         return cls(factory(), factory)
 
     async def process(self, job: ImageJob) -> ImageResult | Failure:
+        self.busy += 1
+        try:
+            return await self._process(job)
+        finally:
+            self.busy -= 1
+
+    async def _process(self, job: ImageJob) -> ImageResult | Failure:
         loop = asyncio.get_running_loop()
         for _ in range(2):
             executor = self._executor

@@ -171,12 +171,35 @@ class PoolSettings:
 
 
 @dataclass(frozen=True)
+class ServiceSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""
+    max_urls_per_job: int = 100_000
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_queued_jobs: int = 1000
+    max_running_jobs: int = 4
+    min_free_bytes: int = 1024 * 1024 * 1024
+    ssrf_protection: bool = True
+    allow_ranges: tuple[str, ...] = ()
+    allowed_ports: tuple[int, ...] = (80, 443)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise SettingsError("service.port: must be between 1 and 65535")
+        for name in ("max_urls_per_job", "max_body_bytes", "max_queued_jobs", "max_running_jobs"):
+            _at_least(self, name, 1)
+        _at_least(self, "min_free_bytes", 0)
+
+
+@dataclass(frozen=True)
 class Settings:
     crawl: CrawlSettings = field(default_factory=CrawlSettings)
     fetch: FetchSettings = field(default_factory=FetchSettings)
     hosts: HostSettings = field(default_factory=HostSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
 
 
 Overrides = Mapping[str, Mapping[str, Any]]

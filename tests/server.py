@@ -59,6 +59,7 @@ class LocalServer:
             "/redirect/{n}/{name}": self._redirect,
             "/redirect-loop": self._loop,
             "/redirect-to-file": self._to_file,
+            "/redirect-host/{address}/{name}": self._to_host,
             "/drip": self._drip,
             "/hang": self._hang,
             "/reset": self._reset,
@@ -135,6 +136,10 @@ class LocalServer:
 
     async def _loop(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("/redirect-loop")
+
+    async def _to_host(self, request: web.Request) -> web.Response:
+        address, name = request.match_info["address"], request.match_info["name"]
+        raise web.HTTPFound(f"http://{address}:{self.port}/img/{name}")
 
     async def _to_file(self, request: web.Request) -> web.Response:
         raise web.HTTPFound("file:///etc/passwd")

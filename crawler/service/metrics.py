@@ -1,0 +1,80 @@
+"""``GET /metrics`` in the Prometheus text format, and the event-loop lag probe behind it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from crawler.pipeline import Engine
+from crawler.service.jobs import Jobs
+
+LAG_INTERVAL = 0.25
+
+
+class Metrics:
+    def __init__(self, jobs: Jobs, engine: Engine) -> None:
+        self.jobs = jobs
+        self.engine = engine
+        self.lag = 0.0
+        self.lag_max = 0.0
+
+    async def watch_lag(self) -> None:
+        """How late the loop wakes a sleeper: anything blocking the loop shows up here."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LAG_INTERVAL)
+            self.lag = max(0.0, loop.time() - start - LAG_INTERVAL)
+            self.lag_max = max(self.lag_max, self.lag)
+
+    async def render(self) -> str:
+        by_status: Counter[str] = Counter()
+        by_error: Counter[str] = Counter()
+        fetched = 0
+        every = {**self.jobs.finished_stats, **self.jobs.live}
+        for stats in every.values():
+            by_status.update(stats.by_status)
+            by_error.update(stats.by_error)
+            fetched += stats.bytes
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: dict[str, float]) -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(f"{name}{labels} {value:g}" for labels, value in samples.items())
+
+        metric(
+            "crawler_urls_total", "counter", "URLs ended since start-up, by status.",
+            {f'{{status="{s}"}}': n for s, n in sorted(by_status.items())},
+        )  # fmt: skip
+        metric(
+            "crawler_errors_total", "counter", "URLs failed or skipped, by error kind.",
+            {f'{{kind="{k}"}}': n for k, n in sorted(by_error.items())},
+        )  # fmt: skip
+        metric(
+            "crawler_bytes_total", "counter", "Body bytes fetched since start-up.", {"": fetched}
+        )
+        metric(
+            "crawler_requests_in_flight", "gauge", "Fetches running now.",
+            {"": self.engine.scheduler.in_flight},
+        )  # fmt: skip
+        queued = sum(len(h.queue) for h in self.engine.scheduler.hosts.values())
+        metric("crawler_queue_depth", "gauge", "URLs waiting for their host.", {"": queued})
+        metric(
+            "crawler_jobs", "gauge", "Jobs running now.", {'{state="running"}': len(self.jobs.live)}
+        )
+        busy = min(self.engine.pool.busy, self.engine.settings.pool.size)
+        metric("crawler_pool_busy_workers", "gauge", "Image workers busy now.", {"": busy})
+        metric(
+            "crawler_event_loop_lag_seconds", "gauge", "Last and largest event-loop lag measured.",
+            {'{which="last"}': self.lag, '{which="max"}': self.lag_max},
+        )  # fmt: skip
+        metric(
+            "crawler_job_urls_done", "gauge", "URLs ended in each running job.",
+            {f'{{job="{j}"}}': s.done for j, s in sorted(self.jobs.live.items())},
+        )  # fmt: skip
+        metric(
+            "crawler_job_urls", "gauge", "URLs in each running job.",
+            {f'{{job="{j}"}}': s.total or 0 for j, s in sorted(self.jobs.live.items())},
+        )  # fmt: skip
+        return "\n".join(out) + "\n"
