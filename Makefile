@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 URLS   ?=
 ARGS   ?=
 
-.PHONY: install demo run test lint clean
+.PHONY: install demo run serve test lint clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: $(STAMP)
 run: $(STAMP)
 	@test -n "$(URLS)" || { echo "usage: make run URLS=path/to/urls.txt [ARGS='--out DIR ...']"; exit 2; }
 	$(BIN)/python -m crawler $(URLS) $(ARGS)
+
+serve: $(STAMP)
+	$(BIN)/python -m crawler serve $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check crawler tests
