@@ -17,6 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import select
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,13 +42,45 @@ def make_executor(settings: PoolSettings, max_pixels: int) -> ProcessPoolExecuto
     return ProcessPoolExecutor(
         max_workers=settings.size,
         mp_context=context,
-        initializer=imaging.init_worker,
-        initargs=(max_pixels,),
+        initializer=init_worker,
+        initargs=(max_pixels, os.getpid()),
         # Not allowed with fork, where workers are never replaced anyway.
         max_tasks_per_child=None
         if settings.start_method == "fork"
         else settings.max_tasks_per_child,
     )
+
+
+def init_worker(max_pixels: int, crawler_pid: int) -> None:
+    imaging.init_worker(max_pixels)
+    threading.Thread(target=_exit_with, args=(crawler_pid,), daemon=True).start()
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker when the crawler that owns the pool is gone.
+
+    A worker holds both ends of its task pipe, so it never sees EOF when the
+    crawler is SIGKILLed: without this it would wait forever, and keep its
+    forkserver alive with it.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # no pidfd (old kernel): poll instead
+        while _alive(pid):
+            time.sleep(1.0)
+    else:
+        select.select([fd], [], [])  # readable once the process has exited
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ImagePool:

@@ -309,3 +309,36 @@ async def test_disk_full_pauses_instead_of_failing_good_images(
     summary = await crawl(entries(urls), make_settings(tmp_path), executor=executor)
     assert summary.by_status == {"ok": 5}
     assert "disk full" in caplog.text and "intake resumed" in caplog.text
+
+
+def test_workers_exit_when_the_crawler_is_killed(tmp_path: Path) -> None:
+    """Workers hold both ends of their task pipe, never see EOF: they must watch the crawler."""
+    script = (
+        "import os, sys, time\n"
+        "from crawler.pool import make_executor\n"
+        "from crawler.settings import PoolSettings\n"
+        "pool = make_executor(PoolSettings(workers=2), 1000)\n"
+        "pool.submit(time.sleep, 0).result()\n"
+        "print(' '.join(map(str, pool._processes)), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV
+    )
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert pids
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; its forkserver parent reaps it
