@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import re
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DAYS",
         help="revalidate images fetched more than DAYS ago (conditional GET; 304 keeps them)",
     )
+    p.add_argument(
+        "--stats-json",
+        metavar="FILE",
+        type=Path,
+        help="also write the summary (counts, rates, event-loop lag) as JSON to FILE",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line and no summary")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -142,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_run(source, settings, revisit, quiet=args.quiet))
+        return runner.run(
+            _run(source, settings, revisit, quiet=args.quiet, stats_json=args.stats_json)
+        )
 
 
 def serve_main(argv: Sequence[str]) -> int:
@@ -199,7 +208,9 @@ def _kinds(value: str) -> frozenset[str]:
     return kinds
 
 
-async def _run(source: Source, settings: Settings, revisit: Revisit, *, quiet: bool) -> int:
+async def _run(
+    source: Source, settings: Settings, revisit: Revisit, *, quiet: bool, stats_json: Path | None
+) -> int:
     loop = asyncio.get_running_loop()
     stats = Stats()
     stop = asyncio.Event()
@@ -244,6 +255,9 @@ async def _run(source: Source, settings: Settings, revisit: Revisit, *, quiet: b
         summary = stats.summary()
     finally:
         counter.cancel()
+    if stats_json is not None:
+        text = json.dumps(summary.to_dict(), indent=2)
+        await asyncio.to_thread(stats_json.write_text, text + "\n")
     if not quiet:
         print(summary.render(), file=sys.stderr)
         print(f"  manifest: {Path(settings.crawl.out) / MANIFEST}", file=sys.stderr)

@@ -72,9 +72,10 @@ def parse_hashes(hashes: Sequence[str]) -> NDArray[np.uint64]:
             msg = f"hash {i} is not {HEX_DIGITS} hex digits: {h!r}"
             raise ValueError(msg)
     # One vectorised pass instead of a million int(h, 16) calls, which would
-    # also accept "0x", "_" and whitespace. Non-ASCII raises UnicodeEncodeError,
-    # itself a ValueError.
-    nibbles = _NIBBLE[np.frombuffer("".join(hashes).encode("ascii"), dtype=np.uint8)]
+    # also accept "0x", "_" and whitespace. Non-ASCII becomes "?", one byte per
+    # character, so the bad hash is still found by its offset.
+    text = "".join(hashes).encode("ascii", errors="replace")
+    nibbles = _NIBBLE[np.frombuffer(text, dtype=np.uint8)]
     if (bad := np.flatnonzero(nibbles == 255)).size:
         i = int(bad[0]) // HEX_DIGITS
         msg = f"hash {i} is not {HEX_DIGITS} hex digits: {hashes[i]!r}"

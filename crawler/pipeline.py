@@ -52,7 +52,7 @@ from crawler.models import (
     UrlEntry,
 )
 from crawler.pool import ImagePool
-from crawler.report import Progress, Stats, Summary
+from crawler.report import LoopLag, Progress, Stats, Summary
 from crawler.robots import RobotsCache
 from crawler.settings import Settings
 from crawler.sources import check_url
@@ -150,7 +150,9 @@ class Engine:
         out = Path(settings.crawl.out)
         await aiofiles.os.makedirs(ledger_dir or out, exist_ok=True)
         stats = stats or Stats()
+        lag = LoopLag()
         reporter = asyncio.create_task(Progress(stats, enabled=progress).run())
+        lag_probe = asyncio.create_task(lag.run())
         try:
             store = Store(out, settings.image.thumb_spec().ext)
             if ledger_dir is None:
@@ -159,9 +161,10 @@ class Engine:
                 run = _Run(self, settings=settings, ledger=ledger, store=store, stats=stats)
                 await run.go(entries, stop or asyncio.Event())
         finally:
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
-        return stats.summary()
+            for task in (reporter, lag_probe):
+                task.cancel()
+            await asyncio.gather(reporter, lag_probe, return_exceptions=True)
+        return stats.summary(lag)
 
 
 @dataclass(eq=False)

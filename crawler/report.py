@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -38,8 +39,9 @@ class Stats:
     def done(self) -> int:
         return sum(self.by_status.values())
 
-    def summary(self) -> Summary:
+    def summary(self, lag: LoopLag | None = None) -> Summary:
         return Summary(
+            loop_lag_ms=lag.percentiles() if lag is not None else {},
             total=self.done,
             by_status=dict(self.by_status),
             by_error=dict(self.by_error.most_common()),
@@ -61,6 +63,10 @@ class Summary:
     duplicates: int
     already: int
     seconds: float
+    loop_lag_ms: dict[str, float]  # p50 / p99 / max of how late the event loop woke a sleeper
+
+    def to_dict(self) -> dict[str, object]:
+        return {**dataclasses.asdict(self), "images_per_second": round(self.images_per_second, 2)}
 
     @property
     def images_per_second(self) -> float:
@@ -73,12 +79,52 @@ class Summary:
             f"  {self.images_per_second:.1f} images/s, {_mb(self.bytes)} fetched, "
             f"{self.stored} new files, {self.duplicates} duplicates",
         ]
+        if self.loop_lag_ms:
+            lag = self.loop_lag_ms
+            lines.append(
+                f"  event-loop lag p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms"
+            )
         if self.already:
             lines.append(f"  {self.already} URLs done in an earlier run (not fetched again)")
         if self.by_error:
             errors = ", ".join(f"{kind} {n}" for kind, n in self.by_error.items())
             lines.append(f"  errors: {errors}")
         return "\n".join(lines)
+
+
+class LoopLag:
+    """How late the event loop wakes a sleeper: CPU work or blocking I/O on the loop shows here.
+
+    Keeps the most recent samples only, so it runs for months in the service.
+    """
+
+    def __init__(self, interval: float = 0.05, keep: int = 20_000) -> None:
+        self.interval = interval
+        self.samples: deque[float] = deque(maxlen=keep)
+        self.max = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.interval)
+            lag = max(0.0, loop.time() - start - self.interval)
+            self.samples.append(lag)
+            self.max = max(self.max, lag)
+
+    @property
+    def last(self) -> float:
+        return self.samples[-1] if self.samples else 0.0
+
+    def percentiles(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        ordered = sorted(self.samples)
+
+        def at(q: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+        return {"p50": at(0.50), "p99": at(0.99), "max": round(self.max * 1000, 2)}
 
 
 class Progress:

@@ -92,14 +92,19 @@ async def test_stdin_crawl_exits_0_with_failures(server: LocalServer, tmp_path: 
     ok = server.add("a.gif", samples.gif_palette(), "image/gif")
     missing = server.url("/img/none.jpg")
     out = tmp_path / "out"
+    stats = tmp_path / "stats.json"
     code, _, stderr = await run_cli(
-        "-", "--out", str(out), "--workers", "1", stdin=f"{ok}\n{missing}\n".encode()
-    )
+        "-", "--out", str(out), "--workers", "1", "--stats-json", str(stats),
+        stdin=f"{ok}\n{missing}\n".encode(),
+    )  # fmt: skip
     assert code == 0, stderr
     got = by_url(read_manifest(out))
     assert got[ok]["status"] == "ok" and got[missing]["error"] == "http_404"
     assert "crawled 2 URLs" in stderr and "http_404 1" in stderr
     assert "\r" not in stderr  # no progress line when stderr is not a terminal
+    summary = json.loads(stats.read_text())
+    assert summary["by_status"] == {"ok": 1, "failed": 1} and summary["total"] == 2
+    assert set(summary["loop_lag_ms"]) == {"p50", "p99", "max"}
 
 
 async def test_csv_and_jsonl_meta_carried_through(server: LocalServer, tmp_path: Path) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
 from crawler.pipeline import Engine
+from crawler.report import LoopLag
 from crawler.service.jobs import Jobs
 
 LAG_INTERVAL = 0.25
@@ -15,17 +15,10 @@ class Metrics:
     def __init__(self, jobs: Jobs, engine: Engine) -> None:
         self.jobs = jobs
         self.engine = engine
-        self.lag = 0.0
-        self.lag_max = 0.0
+        self.lag = LoopLag(LAG_INTERVAL, keep=1000)
 
     async def watch_lag(self) -> None:
-        """How late the loop wakes a sleeper: anything blocking the loop shows up here."""
-        loop = asyncio.get_running_loop()
-        while True:
-            start = loop.time()
-            await asyncio.sleep(LAG_INTERVAL)
-            self.lag = max(0.0, loop.time() - start - LAG_INTERVAL)
-            self.lag_max = max(self.lag_max, self.lag)
+        await self.lag.run()
 
     async def render(self) -> str:
         by_status: Counter[str] = Counter()
@@ -67,7 +60,7 @@ class Metrics:
         metric("crawler_pool_busy_workers", "gauge", "Image workers busy now.", {"": busy})
         metric(
             "crawler_event_loop_lag_seconds", "gauge", "Last and largest event-loop lag measured.",
-            {'{which="last"}': self.lag, '{which="max"}': self.lag_max},
+            {'{which="last"}': self.lag.last, '{which="max"}': self.lag.max},
         )  # fmt: skip
         metric(
             "crawler_job_urls_done", "gauge", "URLs ended in each running job.",
