@@ -27,8 +27,8 @@ serve: $(STAMP)
 	$(BIN)/python -m crawler serve $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check crawler tests
-	$(BIN)/ruff format --check crawler tests
+	$(BIN)/ruff check crawler tests bench
+	$(BIN)/ruff format --check crawler tests bench
 	$(BIN)/mypy
 
 test: lint
@@ -38,3 +38,9 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo *.egg-info
 	find downloads -mindepth 1 ! -name .gitkeep -delete
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Benchmarks: figures, not pass/fail (see bench/README.md). nginx serves the corpus when it can be installed.
+.PHONY: bench
+bench: $(STAMP)
+	-bash bench/install-nginx
+	$(BIN)/python -m bench.run $(ARGS)

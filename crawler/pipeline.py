@@ -117,6 +117,7 @@ class Engine:
         )
 
     async def __aenter__(self) -> Engine:
+        await self.pool.start()
         await self.fetcher.__aenter__()
         return self
 

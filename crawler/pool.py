@@ -83,6 +83,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _warm(executor: ProcessPoolExecutor) -> None:
+    workers: int = getattr(executor, "_max_workers", 1)
+    for future in [executor.submit(os.getpid) for _ in range(workers)]:
+        future.result()
+
+
 class ImagePool:
     def __init__(
         self,
@@ -129,6 +135,13 @@ class ImagePool:
             broken.shutdown(wait=False, cancel_futures=True)
             self._executor = self._factory()
             self.rebuilds += 1
+
+    async def start(self) -> None:
+        """Start the workers now, off the event loop: starting a forkserver and its
+        workers takes a few hundred milliseconds the loop should not stall for."""
+        executor = self._executor
+        if isinstance(executor, ProcessPoolExecutor):
+            await asyncio.to_thread(_warm, executor)
 
     def worker_pids(self) -> list[int]:
         """PIDs of the pool's worker processes (for tests that kill one)."""

@@ -1,0 +1,1 @@
+"""Benchmark harness: a deterministic image corpus and a local static server for it."""

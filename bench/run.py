@@ -1,0 +1,300 @@
+"""``make bench``: how close the crawl comes to what this machine's cores can do.
+
+In one run, each measurement repeated (median of ``--repeat``):
+
+1. ceiling: the crawler's own image function over the corpus, read from
+   local disk, in the same kind of process pool: no network, no storage;
+2. crawl: ``python -m crawler`` end to end over the corpus served from
+   127.0.0.1, default settings, into a fresh directory;
+3. inline: the same crawl with the image function run on the event loop.
+
+Then the memory benchmark (a long URL list against a server answering each
+URL quickly) and the near-duplicate grouping of 1,000,000 hashes. Every crawl
+is verified (records, thumbnails and their sizes) so a crawl that silently
+fails cannot look fast. Figures are printed and written to .bench/result.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bench import corpus
+from bench.server import StaticServer
+from crawler import imaging
+from crawler.models import ImageJob
+from crawler.pool import make_executor
+from crawler.settings import Settings
+
+WORK = Path(".bench")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+CORES = len(os.sched_getaffinity(0))
+
+
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, utime+stime ticks, rss pages) of a live process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[21])
+
+
+class TreeSampler(threading.Thread):
+    """Samples a process tree: peak total RSS, and CPU time per process (summed at the end)."""
+
+    def __init__(self, root: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.interval = interval
+        self.peak_rss = 0
+        self.cpu_ticks: dict[int, int] = {}
+        self.stop = threading.Event()
+        self.on_sample: Callable[[int], None] | None = None
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.sample()
+            self.stop.wait(self.interval)
+        self.sample()
+
+    def sample(self) -> None:
+        stats = {pid: s for pid in _pids() if (s := _stat(pid)) is not None}
+        tree = {self.root}
+        grew = True
+        while grew:
+            grew = False
+            for pid, (ppid, _, _) in stats.items():
+                if ppid in tree and pid not in tree:
+                    tree.add(pid)
+                    grew = True
+        rss = sum(stats[p][2] for p in tree if p in stats) * PAGE
+        self.peak_rss = max(self.peak_rss, rss)
+        for pid in tree:
+            if pid in stats:
+                self.cpu_ticks[pid] = max(self.cpu_ticks.get(pid, 0), stats[pid][1])
+        if self.on_sample is not None:
+            self.on_sample(rss)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_ticks.values()) / TICK
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def run_measured(
+    cmd: Sequence[str], on_sample: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sampler = TreeSampler(proc.pid)
+    sampler.on_sample = on_sample
+    sampler.start()
+    _, err = proc.communicate()
+    wall = time.monotonic() - started
+    sampler.stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return {"wall": wall, "cpu": sampler.cpu_seconds, "peak_rss": sampler.peak_rss}
+
+
+def verify(out: Path, expected: int, sizes: Sequence[int] = (256,)) -> None:
+    """The crawl did the work: every image ok, one thumbnail each, fitting its box."""
+    records = [json.loads(line) for line in (out / "manifest.jsonl").open()]
+    ok = [r for r in records if r["status"] == "ok"]
+    if len(records) != expected or len(ok) != expected:
+        bad = [r for r in records if r["status"] != "ok"][:3]
+        raise SystemExit(f"{out}: {len(ok)}/{len(records)} ok of {expected}: {bad}")
+    for size in sizes:
+        thumbs = list((out / "thumbs" / str(size)).rglob("*.jpg"))
+        distinct = len({r["sha256"] for r in ok})
+        if len(thumbs) != distinct:
+            raise SystemExit(f"{out}: {len(thumbs)} thumbnails for {distinct} images")
+        for path in thumbs[:: max(1, len(thumbs) // 50)]:
+            with Image.open(path) as im:
+                if max(im.size) > size or im.format != "JPEG":
+                    raise SystemExit(f"{path}: {im.format} {im.size} does not fit {size}")
+
+
+def ceiling(paths: Sequence[Path]) -> float:
+    """Images/s of the image function alone, in the crawler's own pool."""
+    settings = Settings()
+    pool = make_executor(settings.pool, settings.image.max_pixels)
+    spec = settings.image.thumb_spec()
+    try:
+        for f in [pool.submit(time.sleep, 0) for _ in range(settings.pool.size * 2)]:
+            f.result()  # workers started before the clock does
+        window: list[Future[Any]] = []
+        started = time.monotonic()
+        for path in paths:
+            job = ImageJob(
+                path.read_bytes(), spec, settings.image.max_pixels, settings.image.formats
+            )
+            window.append(pool.submit(imaging.process, job))
+            if len(window) >= 2 * settings.pool.size + 2:
+                window.pop(0).result()
+        for f in window:
+            f.result()
+        return len(paths) / (time.monotonic() - started)
+    finally:
+        pool.shutdown()
+
+
+def crawl_once(name: str, urls: Path, n: int, inline: bool, run: int) -> dict[str, Any]:
+    out = WORK / "out" / f"{name}-{run}"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    stats = WORK / f"{name}-{run}.json"
+    if inline:
+        cmd = [sys.executable, "-m", "bench.inline", str(urls), str(out), str(stats)]
+    else:
+        cmd = [sys.executable, "-m", "crawler", str(urls), "--out", str(out), "--quiet",
+               "--stats-json", str(stats)]  # fmt: skip
+    measured = run_measured(cmd)
+    verify(out, n)
+    summary = json.loads(stats.read_text())
+    measured["images_per_s"] = n / measured["wall"]
+    measured["loop_lag_ms"] = summary["loop_lag_ms"]
+    return measured
+
+
+def memory_benchmark(server: StaticServer, n: int) -> dict[str, Any]:
+    """Peak RSS of the crawl's process tree at 10% and at 100% of a long list of quick URLs."""
+    urls = WORK / f"long-{n}.txt"
+    if not urls.exists():
+        with urls.open("w") as fh:
+            for i in range(n):
+                fh.write(
+                    f"{server.url}/tiny/{i}.gif\n" if i % 10 == 0 else f"{server.url}/missing/{i}\n"
+                )
+    out = WORK / "out" / "long"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    out.mkdir(parents=True)
+    manifest = out / "manifest.jsonl"
+    seen = {"lines": 0, "offset": 0, "peak": 0, "at10": 0}
+
+    def watch(rss: int) -> None:
+        seen["peak"] = max(seen["peak"], rss)
+        if manifest.exists():
+            with manifest.open("rb") as fh:
+                fh.seek(seen["offset"])
+                chunk = fh.read()
+            seen["offset"] += len(chunk)
+            seen["lines"] += chunk.count(b"\n")
+        if seen["lines"] <= n // 10:
+            seen["at10"] = seen["peak"]
+
+    cmd = [sys.executable, "-m", "crawler", str(urls), "--out", str(out), "--quiet"]
+    measured = run_measured(cmd, watch)
+    records = sum(1 for _ in manifest.open())
+    if records != n:
+        raise SystemExit(f"long list: {records} records for {n} URLs")
+    return {
+        "urls": n,
+        "wall": round(measured["wall"], 1),
+        "urls_per_s": round(n / measured["wall"]),
+        "peak_rss_mb_at_10pct": round(seen["at10"] / 2**20, 1),
+        "peak_rss_mb_at_100pct": round(measured["peak_rss"] / 2**20, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=1500, help="corpus images (default 1500)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--long", type=int, default=1_000_000, help="URLs in the memory benchmark")
+    parser.add_argument("--hashes", type=int, default=1_000_000, help="hashes to group")
+    args = parser.parse_args(argv)
+    WORK.mkdir(exist_ok=True)
+
+    t0 = time.monotonic()
+    paths = corpus.build(WORK / "corpus", args.count)
+    total_bytes = sum(p.stat().st_size for p in paths)
+    print(f"corpus: {len(paths)} images, {total_bytes / 1e6:.0f} MB ({time.monotonic() - t0:.0f}s)")
+
+    result: dict[str, Any] = {
+        "machine": {
+            "cores": CORES,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "corpus": {"images": len(paths), "mb": round(total_bytes / 1e6, 1)},
+    }
+    runs: dict[str, list[dict[str, Any]]] = {"ceiling": [], "crawl": [], "inline": []}
+    with StaticServer(WORK / "corpus") as server:
+        result["server"] = server.kind
+        urls = WORK / "urls.txt"
+        urls.write_text("".join(f"{server.url}/{p.name}\n" for p in paths))
+        server_cpu_before = server.cpu_seconds()
+        for run in range(args.repeat):
+            runs["ceiling"].append({"images_per_s": ceiling(paths)})
+            runs["crawl"].append(crawl_once("crawl", urls, len(paths), False, run))
+            runs["inline"].append(crawl_once("inline", urls, len(paths), True, run))
+            print(
+                f"run {run + 1}: ceiling {runs['ceiling'][-1]['images_per_s']:.1f}/s, "
+                f"crawl {runs['crawl'][-1]['images_per_s']:.1f}/s, "
+                f"inline {runs['inline'][-1]['images_per_s']:.1f}/s"
+            )
+        result["server_cpu_s"] = round(server.cpu_seconds() - server_cpu_before, 1)
+        if args.long:
+            result["memory"] = memory_benchmark(server, args.long)
+            print(f"memory: {result['memory']}")
+
+    def med(name: str, key: str) -> float:
+        return float(statistics.median(r[key] for r in runs[name]))
+
+    crawl, inline, top = (
+        med("crawl", "images_per_s"),
+        med("inline", "images_per_s"),
+        med("ceiling", "images_per_s"),
+    )
+
+    def lag(name: str) -> dict[str, float]:
+        keys = ("p50", "p99", "max")
+        return {k: statistics.median(r["loop_lag_ms"][k] for r in runs[name]) for k in keys}
+
+    result["median"] = {
+        "ceiling_images_per_s": round(top, 1),
+        "crawl_images_per_s": round(crawl, 1),
+        "inline_images_per_s": round(inline, 1),
+        "crawl_mb_per_s": round(total_bytes / 1e6 / med("crawl", "wall"), 1),
+        "crawl_cpu_utilisation": round(med("crawl", "cpu") / (med("crawl", "wall") * CORES), 2),
+        "crawl_peak_rss_mb": round(med("crawl", "peak_rss") / 2**20, 1),
+        "crawl_loop_lag_ms": lag("crawl"),
+        "inline_loop_lag_ms": lag("inline"),
+        "crawl_over_ceiling": round(crawl / top, 3),
+        "crawl_over_inline": round(crawl / inline, 2),
+    }
+    result["runs"] = runs
+    if args.hashes:
+        out = subprocess.run(
+            [sys.executable, "bench/neardup_bench.py", str(args.hashes)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        result["neardup"] = json.loads(out.stdout.strip().splitlines()[-1])
+    (WORK / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        json.dumps({k: result[k] for k in ("median", "memory", "neardup") if k in result}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
