@@ -205,7 +205,7 @@ class Fetcher:
         return None
 
     def _check_header(self, body: bytearray, fmt: str) -> tuple[bool, Failure | None]:
-        size = dimensions(bytes(body), fmt)
+        size = dimensions(body, fmt)  # no copy: called for every chunk until found
         if size is None:
             return False, None
         return True, check_geometry(size[0], size[1], self._limits)

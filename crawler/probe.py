@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 from crawler.models import Failure
 
+# bytes, or the bytearray a download is collected in (probed without copying it)
+Buffer = bytes | bytearray
+
 # The BMP test reads the DIB header size at offset 14..18; everything else needs less.
 SNIFF_BYTES = 18
 
@@ -61,14 +64,14 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def _png(data: bytes) -> tuple[int, int] | None:
+def _png(data: Buffer) -> tuple[int, int] | None:
     if len(data) < 24 or data[12:16] != b"IHDR":
         return None
     width, height = struct.unpack_from(">II", data, 16)
     return width, height
 
 
-def _gif(data: bytes) -> tuple[int, int] | None:
+def _gif(data: Buffer) -> tuple[int, int] | None:
     # The logical screen; Pillow widens it if the first frame overhangs it.
     if len(data) < 10:
         return None
@@ -76,7 +79,7 @@ def _gif(data: bytes) -> tuple[int, int] | None:
     return width, height
 
 
-def _webp(data: bytes) -> tuple[int, int] | None:
+def _webp(data: Buffer) -> tuple[int, int] | None:
     if len(data) < 30 or data[8:12] != b"WEBP":
         return None
     chunk = data[12:16]
@@ -99,7 +102,7 @@ def _webp(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _bmp(data: bytes) -> tuple[int, int] | None:
+def _bmp(data: Buffer) -> tuple[int, int] | None:
     if len(data) < 18:
         return None
     header_size = struct.unpack_from("<I", data, 14)[0]
@@ -115,7 +118,7 @@ def _bmp(data: bytes) -> tuple[int, int] | None:
     return (width, abs(height)) if width >= 0 else None
 
 
-def _jpeg(data: bytes) -> tuple[int, int] | None:
+def _jpeg(data: Buffer) -> tuple[int, int] | None:
     if not data.startswith(b"\xff\xd8"):
         return None
     pos = 2
@@ -144,7 +147,7 @@ def _jpeg(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _tiff(data: bytes) -> tuple[int, int] | None:
+def _tiff(data: Buffer) -> tuple[int, int] | None:
     if data.startswith(b"II*\x00"):
         order = "<"
     elif data.startswith(b"MM\x00*"):
@@ -176,7 +179,7 @@ def _tiff(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-_PARSERS: dict[str, Callable[[bytes], tuple[int, int] | None]] = {
+_PARSERS: dict[str, Callable[[Buffer], tuple[int, int] | None]] = {
     "PNG": _png,
     "GIF": _gif,
     "WEBP": _webp,
@@ -186,7 +189,7 @@ _PARSERS: dict[str, Callable[[bytes], tuple[int, int] | None]] = {
 }
 
 
-def dimensions(data: bytes, fmt: str) -> tuple[int, int] | None:
+def dimensions(data: Buffer, fmt: str) -> tuple[int, int] | None:
     """``(width, height)`` from the header at the start of ``data``, a ``fmt`` file's prefix.
 
     ``None`` when the prefix is too short or the header is not what it should

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from crawler.models import ImageResult
-from crawler.store import TMP_PREFIX, Store, image_path, thumb_path
+from crawler.store import TMP_DIR, TMP_PREFIX, Store, image_path, thumb_path
 
 SHA = "ab" + "cd" + "0" * 60
 RESULT = ImageResult(SHA, "f" * 16, 10, 20, "PNG", "png", ((64, b"thumb64"), (32, b"thumb32")))
@@ -37,12 +37,18 @@ async def test_existing_content_is_not_rewritten(tmp_path: Path) -> None:
 async def test_failed_write_leaves_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import aiofiles.os
-
-    async def broken_replace(src: object, dst: object) -> None:
+    def broken_replace(self: Path, target: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(aiofiles.os, "replace", broken_replace)
+    monkeypatch.setattr(Path, "replace", broken_replace)
     with pytest.raises(OSError, match="No space"):
         await Store(tmp_path, "jpg").save(RESULT, b"original")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+async def test_clean_removes_leftovers(tmp_path: Path) -> None:
+    store = Store(tmp_path, "jpg")
+    (tmp_path / TMP_DIR).mkdir()
+    (tmp_path / TMP_DIR / ".tmp-x-half.jpg").write_bytes(b"half")
+    await store.clean()
+    assert list((tmp_path / TMP_DIR).iterdir()) == []
