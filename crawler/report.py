@@ -117,8 +117,8 @@ class LoopLag:
         return self.samples[-1] if self.samples else 0.0
 
     def percentiles(self) -> dict[str, float]:
-        if not self.samples:
-            return {}
+        if not self.samples:  # a crawl shorter than one interval
+            return {"p50": 0.0, "p99": 0.0, "max": 0.0}
         ordered = sorted(self.samples)
 
         def at(q: float) -> float:
