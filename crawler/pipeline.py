@@ -201,7 +201,9 @@ class _Run:
         self.reading = True
         self.finished = asyncio.Event()
         # Enough bodies queued for the pool that no worker waits on the network.
-        self.processing = asyncio.Semaphore(max(4, 2 * settings.pool.size))
+        self.processing = asyncio.Semaphore(max(4, 2 * settings.pool.size + 2))
+        # Bodies written to disk at once: the pool moves on while they are stored.
+        self.storing = asyncio.Semaphore(16)
         self.tasks: asyncio.TaskGroup | None = None
         self.disk_ok = asyncio.Event()
         self.disk_ok.set()
@@ -325,29 +327,33 @@ class _Run:
         except Exception as exc:
             await self._internal(item, exc)
             return
-        finally:
-            self.processing.release()
         await self._record(record, fetched)
 
     async def _image(self, item: _Pending, fetched: Fetched) -> Record:
         base = self._base(item, fetched=fetched)
-        image = self.settings.image
-        job = ImageJob(
-            fetched.body,
-            self.spec,
-            image.max_pixels,
-            image.formats,
-            image.min_width,
-            image.min_height,
-            image.max_aspect_ratio,
-        )
-        result = await self.pool.process(job)
+        try:
+            image = self.settings.image
+            job = ImageJob(
+                fetched.body,
+                self.spec,
+                image.max_pixels,
+                image.formats,
+                image.min_width,
+                image.min_height,
+                image.max_aspect_ratio,
+            )
+            result = await self.pool.process(job)
+        finally:
+            # The slot is the pool's: free it before storage, or the workers
+            # wait while files are written and fsynced.
+            self.processing.release()
         if isinstance(result, Failure):
             return self._base(item, fetched=fetched, failure=result)
         first = await self.ledger.first_url(result.sha256, item.entry.url)
         if first is None:
             try:
-                path, thumbs = await self._save(result, fetched.body)
+                async with self.storing:
+                    path, thumbs = await self._save(result, fetched.body)
             except OSError as exc:
                 self.ledger.release(result.sha256, item.entry.url)
                 failure = Failure(ErrorKind.STORAGE, str(exc.strerror or exc))
