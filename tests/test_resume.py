@@ -249,8 +249,9 @@ async def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result(
     assert {r["status"] for r in records} == {"ok"}
     check_store(out)
     image_hits = sum(v for k, v in server.hits.items() if k.startswith("/img/"))
-    # each kill can cost at most what was in flight: fetch slots + bodies queued for the pool
-    assert image_hits <= n + len(kills) * (16 + 4)
+    # each kill can cost at most what was in flight: 16 fetch slots, 6 bodies
+    # for the pool (2 workers), 16 being stored
+    assert image_hits <= n + len(kills) * (16 + 6 + 16)
 
 
 async def test_sigterm_stops_within_the_grace_period_then_resume_completes(
