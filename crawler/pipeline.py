@@ -13,11 +13,16 @@
 4. A body hands its fetch slot back as soon as a processing slot is free
    (so fetching can't outrun the pool by more than a few bodies) and goes to
    the process pool: decode, validate, thumbnail, hash.
-5. The original and its thumbnails are stored by content hash.
-6. Every entry ends as exactly one manifest record: ok, failed or skipped.
+5. The pool's slot is freed as soon as it answers; the original and its
+   thumbnails are stored by content hash (a few images at a time), and only
+   then does the ledger commit the URL's record.
+6. Every entry ends as exactly one record: ok, failed or skipped. The ledger
+   (``state.py``) remembers it, so a rerun does nothing twice.
 
-The executor is injected, so the same function runs on one machine with a
-process pool or inside a cluster worker with an inline executor.
+``Engine`` holds what crawls share (session, host scheduler, pool): the
+command line runs one crawl on it, the service one per job. The executor is
+injected, so the same code runs on one machine with a process pool or inside
+a cluster worker with an inline executor.
 """
 
 from __future__ import annotations
