@@ -129,3 +129,30 @@ async def test_stop_mid_job_then_restart_completes_it(
     assert sorted(r["url"] for r in records) == sorted(urls)
     image_hits = sum(v for k, v in server.hits.items() if k.startswith("/img/"))
     assert image_hits <= n + 16  # at most what was in flight when it stopped
+
+
+async def test_without_a_token_it_listens_on_loopback_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crawler.service.server import serve
+    from crawler.settings import load_settings
+
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    port = free_port()
+    settings = load_settings(
+        overrides={"service": {"host": "0.0.0.0", "port": port}, "pool": {"workers": 1}}
+    )
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(settings, token="", ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/v1/jobs") as resp,
+        ):
+            assert resp.status == 200  # no token: open, but only to local users
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # serve() stops on SIGTERM, as under systemd
+        await asyncio.wait_for(task, 30)
+    assert "no token configured: listening on 127.0.0.1 only, not 0.0.0.0" in caplog.text

@@ -132,7 +132,7 @@ class Jobs:
             raise JobError(
                 413, "too_many_urls", f"{len(urls)} URLs; at most {cfg.max_urls_per_job} per job"
             )
-        self.job_settings(options, "preview")  # reject bad options before anything is stored
+        self.job_settings(options)  # reject bad options before anything is stored
         async with self._lock:
             if idempotency_key and (known := await self._call(self._by_key, idempotency_key)):
                 return known, False
@@ -184,7 +184,7 @@ class Jobs:
         while chunk := await asyncio.to_thread(next, rows, b""):
             yield chunk
 
-    def job_settings(self, options: Mapping[str, Any], job_id: str) -> Settings:
+    def job_settings(self, options: Mapping[str, Any]) -> Settings:
         overrides: dict[str, dict[str, Any]] = {"crawl": {"out": str(self.root), "progress": False}}
         for name, value in options.items():
             if name not in JOB_OPTIONS:
@@ -215,7 +215,7 @@ class Jobs:
             stats.total = job.urls
             await self.engine.crawl(
                 source.entries(),
-                self.job_settings(job.options, job.id),
+                self.job_settings(job.options),
                 stats=stats,
                 ledger_dir=folder,
             )

@@ -91,6 +91,8 @@ async def serve(settings: Settings, token: str, ready: asyncio.Event | None = No
             await asyncio.gather(*background, return_exceptions=True)
             await runner.cleanup()
             notifier.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
     return 0
 
 
