@@ -77,7 +77,9 @@ class Jobs:
         self.settings = settings
         self.engine = engine
         self.live: dict[str, Stats] = {}  # running jobs' counters
-        self.finished_stats: dict[str, Stats] = {}  # jobs finished since start-up
+        # Counters of the jobs that ended since start-up, summed: a service runs
+        # for months, so one Stats per finished job would only ever grow.
+        self.ended = Stats()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobs")
         self._db: sqlite3.Connection | None = None
@@ -226,7 +228,10 @@ class Jobs:
             log.exception("job %s failed", job.id)
             await self._call(self._set_state, job.id, "failed", f"{type(exc).__name__}: {exc}")
         finally:
-            self.finished_stats[job.id] = self.live.pop(job.id)
+            ended = self.live.pop(job.id)
+            self.ended.by_status.update(ended.by_status)
+            self.ended.by_error.update(ended.by_error)
+            self.ended.bytes += ended.bytes
             self._tasks.pop(job.id, None)
             self._wake.set()
 

@@ -24,8 +24,7 @@ class Metrics:
         by_status: Counter[str] = Counter()
         by_error: Counter[str] = Counter()
         fetched = 0
-        every = {**self.jobs.finished_stats, **self.jobs.live}
-        for stats in every.values():
+        for stats in [self.jobs.ended, *self.jobs.live.values()]:
             by_status.update(stats.by_status)
             by_error.update(stats.by_error)
             fetched += stats.bytes
