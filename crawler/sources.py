@@ -71,12 +71,13 @@ class Source:
 
 def open_source(spec: str, fmt: str = "auto") -> Source:
     """Resolve the URLS argument; fail early (``SourceError``) if it cannot be read at all."""
-    if fmt != "auto" and fmt not in FORMATS:
+    given = next((f for f in FORMATS if f == fmt), None)
+    if fmt != "auto" and given is None:
         raise SourceError(f"unknown input format {fmt!r} (choose from auto, {', '.join(FORMATS)})")
     if spec == "-":
-        return Source(None, "txt" if fmt == "auto" else fmt)  # type: ignore[arg-type]
+        return Source(None, given or "txt")
     path = Path(spec)
-    resolved: Format = _SUFFIXES.get(path.suffix.lower(), "txt") if fmt == "auto" else fmt  # type: ignore[assignment]
+    resolved: Format = given or _SUFFIXES.get(path.suffix.lower(), "txt")
     try:
         with path.open(encoding="utf-8", errors="replace", newline="") as fh:
             if resolved in ("csv", "tsv"):
