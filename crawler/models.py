@@ -9,7 +9,8 @@ doing anything clever).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
 Status = Literal["ok", "failed", "skipped"]
@@ -136,4 +137,9 @@ class Record:
     attempts: int = 0
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+        # Not dataclasses.asdict: it deep-copies every field, once per record.
+        fields = {name: getattr(self, name) for name in _RECORD_FIELDS}
+        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+_RECORD_FIELDS = tuple(f.name for f in dataclass_fields(Record))

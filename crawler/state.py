@@ -151,11 +151,12 @@ class Ledger:
             items = [item for item in batch if item is not None]
             if not items:
                 continue
-            await self._retry_while_full(self._commit, items)
+            lines = [record.to_json() for record, _, _ in items]  # once, for both uses
+            await self._retry_while_full(self._commit, items, lines)
             for record, _, _ in items:
                 if record.sha256 is not None:
                     self._claims.pop(record.sha256, None)
-            await self._manifest.write("".join(r.to_json() + "\n" for r, _, _ in items))
+            await self._manifest.write("".join(line + "\n" for line in lines))
             await self._manifest.flush()
 
     async def _retry_while_full(self, fn: Any, *args: Any) -> None:
@@ -256,13 +257,15 @@ class Ledger:
         row = self._db.execute("SELECT url FROM images WHERE sha256 = ?", (sha256,)).fetchone()
         return None if row is None else str(row[0])
 
-    def _commit(self, items: Iterable[tuple[Record, str | None, str | None]]) -> None:
+    def _commit(
+        self, items: Iterable[tuple[Record, str | None, str | None]], lines: Sequence[str]
+    ) -> None:
         db = self._db
         assert db is not None
         now = time.time()
         db.execute("BEGIN")
         try:
-            for record, etag, last_modified in items:
+            for (record, etag, last_modified), line in zip(items, lines, strict=True):
                 db.execute(
                     "UPDATE urls SET status = ?, error = ?, record = ?, done_at = ?,"
                     " etag = COALESCE(?, etag), last_modified = COALESCE(?, last_modified)"
@@ -270,7 +273,7 @@ class Ledger:
                     (
                         record.status,
                         record.error,
-                        record.to_json(),
+                        line,
                         now,
                         etag,
                         last_modified,
