@@ -74,6 +74,7 @@ class LocalServer:
             "/html-as-jpeg": self._html_as_jpeg,
             "/header-bomb": self._header_bomb,
             "/noai/{name}": self._noai,
+            "/cookie/{name}": self._cookie,
         }
         for path, handler in routes.items():
             app.router.add_get(path, handler)
@@ -246,6 +247,11 @@ class LocalServer:
                 self.sent[request.path] += 65536
         except (ConnectionError, RuntimeError):
             pass
+        return resp
+
+    async def _cookie(self, request: web.Request) -> web.Response:
+        resp = await self._file(request)
+        resp.set_cookie("session", "tracked")
         return resp
 
     async def _noai(self, request: web.Request) -> web.Response:

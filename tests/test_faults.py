@@ -363,3 +363,16 @@ async def test_content_type_that_lies_is_noted_not_trusted(
         "text/plain",
     )
     assert record["detail"] == "Content-Type text/plain but the bytes are PNG"
+
+
+async def test_cookies_are_not_kept_by_default(
+    server: LocalServer, executor: ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    server.add("a.gif", samples.gif_palette(), "image/gif")
+    # a host name: aiohttp's cookie jar never keeps cookies from IP addresses
+    urls = [f"http://localhost:{server.port}/cookie/a.gif?n={i}" for i in range(3)]
+    settings = make_settings(tmp_path, hosts={"per_host": 1})
+    await crawl(entries(urls), settings, executor=executor)
+    image_requests = [h for h in server.headers_seen if "robots" not in h.get("Host", "")]
+    assert len(image_requests) >= 3
+    assert not any("Cookie" in h for h in image_requests)

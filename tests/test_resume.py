@@ -343,3 +343,31 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"  # a zombie has exited; its forkserver parent reaps it
+
+
+async def test_a_second_sigint_quits_at_once_and_resume_completes(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    server.delay = 0.3
+    urls = [server.add(f"{i}.gif", samples.gif_palette(10 + i, 10)) for i in range(40)]
+    urls_file = tmp_path / "urls.txt"
+    urls_file.write_text("\n".join(urls) + "\n")
+    out = tmp_path / "out"
+    env = {**ENV, "CRAWLER_CRAWL_GRACE_PERIOD": "30", "CRAWLER_HOSTS_PER_HOST": "2"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "crawler", str(urls_file), "--out", str(out), "--workers", "1",
+        env=env, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    while sum(server.hits.values()) < 4:
+        await asyncio.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    await asyncio.sleep(0.2)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 130
+    assert time.monotonic() - sent < 2  # not the 30 s grace period
+    assert await run_crawler(urls_file, out, None, server) == 0
+    records = read_manifest(out)
+    assert len(records) == 40 and {r["status"] for r in records} == {"ok"}
+    check_store(out)
