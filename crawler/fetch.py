@@ -35,6 +35,14 @@ from crawler.settings import Settings
 CHUNK = 64 * 1024
 PROBE_LIMIT = 1024 * 1024  # stop looking for a header after this many bytes
 ROBOTS_MAX_BYTES = 512 * 1024
+_MIME_SUBTYPES = {
+    "JPEG": "jpeg",
+    "PNG": "png",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+}
 
 
 class Fetcher:
@@ -167,8 +175,8 @@ class Fetcher:
                 if len(body) > self._cfg.max_bytes:
                     return failed(ErrorKind.TOO_LARGE, f"body over max_bytes {self._cfg.max_bytes}")
                 if fmt is None and len(body) >= SNIFF_BYTES:
-                    fmt = sniff(bytes(body[:SNIFF_BYTES]))
-                    if problem := self._unwanted(fmt, ctype):
+                    fmt, problem = self._sniff(body, ctype)
+                    if problem:
                         return failed(ErrorKind.NOT_AN_IMAGE, problem)
                 if fmt is not None and not sized and len(body) <= PROBE_LIMIT:
                     sized, problem_failure = self._check_header(body, fmt)
@@ -181,9 +189,9 @@ class Fetcher:
                         ErrorKind.TIMEOUT,
                         f"transfer at {rate:.0f} B/s, below min_rate {self._cfg.min_rate}",
                     )
-            if fmt is None:
-                fmt = sniff(bytes(body[:SNIFF_BYTES]))
-                if problem := self._unwanted(fmt, ctype):
+            if fmt is None:  # a body shorter than the magic bytes
+                fmt, problem = self._sniff(body, ctype)
+                if problem:
                     return failed(ErrorKind.NOT_AN_IMAGE, problem)
             assert fmt is not None
             return Fetched(
@@ -197,12 +205,14 @@ class Fetcher:
                 resp.headers.get("Last-Modified"),
             )
 
-    def _unwanted(self, fmt: str | None, ctype: str | None) -> str | None:
+    def _sniff(self, body: bytearray, ctype: str | None) -> tuple[str | None, str | None]:
+        """The format the first bytes say, and why it is unwanted, if it is."""
+        fmt = sniff(body[:SNIFF_BYTES])
         if fmt is None:
-            return f"the bytes are not an image (Content-Type {ctype or 'missing'})"
+            return None, f"the bytes are not an image (Content-Type {ctype or 'missing'})"
         if fmt not in self._formats:
-            return f"{fmt} is not an allowed format"
-        return None
+            return fmt, f"{fmt} is not an allowed format"
+        return fmt, None
 
     def _check_header(self, body: bytearray, fmt: str) -> tuple[bool, Failure | None]:
         size = dimensions(body, fmt)  # no copy: called for every chunk until found
@@ -283,16 +293,8 @@ def _unreachable(failure: Failure, state: _Progress) -> bool:
 
 def _type_note(ctype: str | None, fmt: str) -> str | None:
     """A note when the server's Content-Type disagrees with what the bytes are."""
-    expected = {
-        "JPEG": "jpeg",
-        "PNG": "png",
-        "GIF": "gif",
-        "WEBP": "webp",
-        "BMP": "bmp",
-        "TIFF": "tiff",
-    }
     if ctype is None:
         return f"no Content-Type; the bytes are {fmt}"
-    if not ctype.startswith("image/") or expected.get(fmt, "") not in ctype:
+    if not ctype.startswith("image/") or _MIME_SUBTYPES.get(fmt, "") not in ctype:
         return f"Content-Type {ctype} but the bytes are {fmt}"
     return None

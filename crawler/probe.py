@@ -43,7 +43,7 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_MARKER = re.compile(rb"\xff++([^\xff])")
 
 
-def sniff(head: bytes) -> str | None:
+def sniff(head: Buffer) -> str | None:
     """Pillow's name for the format the magic bytes announce, or ``None`` if not one we take."""
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"

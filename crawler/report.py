@@ -35,6 +35,14 @@ class Stats:
             self.duplicates += record.duplicate_of is not None
         self.bytes += record.bytes or 0
 
+    def absorb(self, other: Stats) -> None:
+        """Add another crawl's counts to these (the service's running totals)."""
+        self.by_status.update(other.by_status)
+        self.by_error.update(other.by_error)
+        self.bytes += other.bytes
+        self.stored += other.stored
+        self.duplicates += other.duplicates
+
     @property
     def done(self) -> int:
         return sum(self.by_status.values())

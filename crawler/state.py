@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS urls (
     last_modified TEXT
 );
 CREATE INDEX IF NOT EXISTS urls_key ON urls (key);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL         -- 'closed' = '1' once a run has rewritten the manifest and ended
+);
 CREATE TABLE IF NOT EXISTS images (
     sha256 TEXT PRIMARY KEY,
     url TEXT NOT NULL           -- the URL that stored it first
@@ -93,7 +97,7 @@ class Ledger:
 
     async def __aenter__(self) -> Ledger:
         self._seq = await self._call(self._open)
-        await self._call(self._write_manifest)
+        await self._call(self._repair_manifest)
         self._manifest = await aiofiles.open(self.root / MANIFEST, "a", encoding="utf-8")
         self._writer = asyncio.create_task(self._write_records())
         return self
@@ -106,6 +110,7 @@ class Ledger:
             if self._manifest is not None:
                 await self._manifest.close()
             await self._call(self._write_manifest)
+            await self._call(self._set_closed, "1")
         finally:
             await self._call(self._close)
             self._thread.shutdown(wait=True)
@@ -188,6 +193,19 @@ class Ledger:
         self._db.executescript(SCHEMA)
         (seq,) = self._db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM urls").fetchone()
         return int(seq)
+
+    def _repair_manifest(self) -> None:
+        """After a run that did not end cleanly, the manifest may lack the last
+        records or hold half a line: rewrite it. After a clean end it is current."""
+        assert self._db is not None
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'closed'").fetchone()
+        if row is None or row[0] != "1" or not (self.root / MANIFEST).exists():
+            self._write_manifest()
+        self._set_closed("0")
+
+    def _set_closed(self, value: str) -> None:
+        assert self._db is not None
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('closed', ?)", (value,))
 
     def _close(self) -> None:
         if self._db is not None:

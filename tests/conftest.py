@@ -18,11 +18,8 @@ from tests.server import LocalServer
 
 @pytest.fixture
 async def server() -> AsyncIterator[LocalServer]:
-    srv = LocalServer()
-    await srv.start()
-    yield srv
-    srv.gate.set()
-    await srv.stop()
+    async with LocalServer() as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

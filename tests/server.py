@@ -92,6 +92,13 @@ class LocalServer:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    async def __aenter__(self) -> LocalServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     @web.middleware
     async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         self.hits[request.path] += 1

@@ -235,9 +235,7 @@ async def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result(
     urls = [
         server.add(f"{i}.jpg", samples.photo_jpeg(160, 120, seed=i), "image/jpeg") for i in range(n)
     ]
-    urls_file = tmp_path / "urls.txt"
-    urls_file.write_text("\n".join(urls) + "\n")
-    out = tmp_path / "out"
+    urls_file, out = write_urls(tmp_path, urls), tmp_path / "out"
     kills = [5, 80, 120]  # early, mid (pool busy), late
     for after in kills:
         code = await run_crawler(urls_file, out, after, server)
@@ -254,21 +252,34 @@ async def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result(
     assert image_hits <= n + len(kills) * (16 + 6 + 16)
 
 
-async def test_sigterm_stops_within_the_grace_period_then_resume_completes(
-    server: LocalServer, tmp_path: Path
-) -> None:
-    server.delay = 0.2
-    urls = [server.add(f"{i}.gif", samples.gif_palette(10 + i, 10)) for i in range(60)]
+def write_urls(tmp_path: Path, urls: list[str]) -> Path:
     urls_file = tmp_path / "urls.txt"
     urls_file.write_text("\n".join(urls) + "\n")
-    out = tmp_path / "out"
-    env = {**ENV, "CRAWLER_CRAWL_GRACE_PERIOD": "3", "CRAWLER_HOSTS_PER_HOST": "2"}
+    return urls_file
+
+
+async def start_slow_crawl(
+    server: LocalServer, tmp_path: Path, n: int, delay: float, grace: float, after_hits: int
+) -> tuple[asyncio.subprocess.Process, list[str], Path, Path]:
+    """A crawl of ``n`` small GIFs served ``delay`` s each, 2 at a time; returns once
+    ``after_hits`` requests have arrived (process, urls, urls file, output dir)."""
+    server.delay = delay
+    urls = [server.add(f"{i}.gif", samples.gif_palette(10 + i, 10)) for i in range(n)]
+    urls_file, out = write_urls(tmp_path, urls), tmp_path / "out"
+    env = {**ENV, "CRAWLER_CRAWL_GRACE_PERIOD": str(grace), "CRAWLER_HOSTS_PER_HOST": "2"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "crawler", str(urls_file), "--out", str(out), "--workers", "1",
         env=env, stderr=subprocess.PIPE,
     )  # fmt: skip
-    while sum(server.hits.values()) < 6:
+    while sum(server.hits.values()) < after_hits:
         await asyncio.sleep(0.01)
+    return proc, urls, urls_file, out
+
+
+async def test_sigterm_stops_within_the_grace_period_then_resume_completes(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    proc, urls, urls_file, out = await start_slow_crawl(server, tmp_path, 60, 0.2, 3, 6)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = await asyncio.wait_for(proc.communicate(), 30)
@@ -348,18 +359,7 @@ def _running(pid: int) -> bool:
 async def test_a_second_sigint_quits_at_once_and_resume_completes(
     server: LocalServer, tmp_path: Path
 ) -> None:
-    server.delay = 0.3
-    urls = [server.add(f"{i}.gif", samples.gif_palette(10 + i, 10)) for i in range(40)]
-    urls_file = tmp_path / "urls.txt"
-    urls_file.write_text("\n".join(urls) + "\n")
-    out = tmp_path / "out"
-    env = {**ENV, "CRAWLER_CRAWL_GRACE_PERIOD": "30", "CRAWLER_HOSTS_PER_HOST": "2"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "crawler", str(urls_file), "--out", str(out), "--workers", "1",
-        env=env, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    while sum(server.hits.values()) < 4:
-        await asyncio.sleep(0.01)
+    proc, _, urls_file, out = await start_slow_crawl(server, tmp_path, 40, 0.3, 30, 4)
     proc.send_signal(signal.SIGINT)
     await asyncio.sleep(0.2)
     sent = time.monotonic()

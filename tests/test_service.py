@@ -260,9 +260,7 @@ async def test_ssrf_guard_blocks_non_public_addresses(
     executor: ProcessPoolExecutor, tmp_path: Path
 ) -> None:
     """Loopback only: a literal, a name that resolves to it, and a redirect hop to it."""
-    srv = LocalServer(addresses=("127.0.0.1", "127.0.0.2"))
-    await srv.start()
-    try:
+    async with LocalServer(addresses=("127.0.0.1", "127.0.0.2")) as srv:
         srv.add("a.gif", samples.gif_palette())
         async with running_service(executor, tmp_path / "closed", []) as svc:
             urls = [
@@ -285,6 +283,4 @@ async def test_ssrf_guard_blocks_non_public_addresses(
                 ("failed", "blocked_address"),
             ]
             assert records[1]["attempts"] == 1
-    finally:
-        await srv.stop()
     assert srv.hits["/img/a.gif"] == 1  # only the allowed fetch reached a server

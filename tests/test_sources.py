@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yarl
@@ -56,12 +58,28 @@ async def test_jsonl_meta_and_bad_lines(tmp_path: Path) -> None:
     assert "not valid JSON" in (got[1].problem or "")
 
 
-async def test_long_list_is_streamed_in_batches(tmp_path: Path) -> None:
+async def test_long_list_is_streamed_in_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking the first entry parses one batch, not the file."""
+    from crawler import sources
+
     f = tmp_path / "many.txt"
     f.write_text("".join(f"http://a.test/{i}.jpg\n" for i in range(5000)))
+    parsed = 0
+    real_parse = sources._parse
+
+    def counting_parse(*args: Any) -> Iterator[UrlEntry]:
+        nonlocal parsed
+        for entry in real_parse(*args):
+            parsed += 1
+            yield entry
+
+    monkeypatch.setattr(sources, "_parse", counting_parse)
     it = open_source(str(f)).entries()
     first = await anext(it)
     assert first.url == "http://a.test/0.jpg"
+    assert parsed <= sources.BATCH + 1 < 5000  # one batch read ahead, not the whole list
     await it.aclose()
 
 

@@ -228,10 +228,7 @@ class Jobs:
             log.exception("job %s failed", job.id)
             await self._call(self._set_state, job.id, "failed", f"{type(exc).__name__}: {exc}")
         finally:
-            ended = self.live.pop(job.id)
-            self.ended.by_status.update(ended.by_status)
-            self.ended.by_error.update(ended.by_error)
-            self.ended.bytes += ended.bytes
+            self.ended.absorb(self.live.pop(job.id))
             self._tasks.pop(job.id, None)
             self._wake.set()
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 from crawler.pipeline import Engine
-from crawler.report import LoopLag
+from crawler.report import LoopLag, Stats
 from crawler.service.jobs import Jobs
 
 LAG_INTERVAL = 0.25
@@ -21,13 +19,10 @@ class Metrics:
         await self.lag.run()
 
     async def render(self) -> str:
-        by_status: Counter[str] = Counter()
-        by_error: Counter[str] = Counter()
-        fetched = 0
+        total = Stats()
         for stats in [self.jobs.ended, *self.jobs.live.values()]:
-            by_status.update(stats.by_status)
-            by_error.update(stats.by_error)
-            fetched += stats.bytes
+            total.absorb(stats)
+        by_status, by_error, fetched = total.by_status, total.by_error, total.bytes
         out: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: dict[str, float]) -> None:
