@@ -39,7 +39,7 @@ def make_executor(settings: PoolSettings, max_pixels: int) -> ProcessPoolExecuto
         # Workers forked from a server that has already imported Pillow and numpy
         # start in milliseconds instead of re-importing them each time.
         context.set_forkserver_preload(["crawler.imaging"])
-    return ProcessPoolExecutor(
+    return _Executor(
         max_workers=settings.size,
         mp_context=context,
         initializer=init_worker,
@@ -49,6 +49,27 @@ def make_executor(settings: PoolSettings, max_pixels: int) -> ProcessPoolExecuto
         if settings.start_method == "fork"
         else settings.max_tasks_per_child,
     )
+
+
+class _Executor(ProcessPoolExecutor):
+    """``ProcessPoolExecutor`` that always replaces a worker retired by ``max_tasks_per_child``.
+
+    CPython 3.11 to 3.13.x (gh-115634): after a worker exits at its task limit
+    the executor replaces it only if its idle-worker semaphore holds no token,
+    but that semaphore counts completions, and with a backlog queued (as the
+    crawler always keeps one) stale tokens make it skip the replacement. Once
+    every worker has retired this way, queued images wait forever. The manager
+    thread is the only caller that replaces exited workers, so there we spawn
+    whenever the pool is short, as the upstream fix does.
+    """
+
+    def _adjust_process_count(self) -> None:
+        # Private attributes, some missing or mistyped in typeshed.
+        if threading.current_thread() is getattr(self, "_executor_manager_thread", None):
+            if len(self._processes) < getattr(self, "_max_workers", 1):
+                self._spawn_process()  # type: ignore[attr-defined]
+            return
+        super()._adjust_process_count()
 
 
 def init_worker(max_pixels: int, crawler_pid: int) -> None:
