@@ -27,11 +27,9 @@ from typing import Any
 import uvloop
 
 from crawler import __version__
-from crawler.dups import near_duplicates, render
 from crawler.errors import ErrorKind
 from crawler.pipeline import crawl
 from crawler.report import Stats
-from crawler.service.server import serve
 from crawler.settings import Settings, SettingsError, load_settings
 from crawler.sources import FORMATS, Source, SourceError, open_source
 from crawler.state import LEDGER, MANIFEST, Revisit
@@ -172,6 +170,9 @@ def serve_main(argv: Sequence[str]) -> int:
     except SettingsError as exc:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
     token = settings.service.token or os.environ.get("CRAWLER_TOKEN", "")
+    # Imported here, like numpy for `dups`: a one-off crawl does not pay for them at start-up.
+    from crawler.service.server import serve  # noqa: PLC0415 (lazy: see above)
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(settings, token))
@@ -192,6 +193,8 @@ def dups_main(argv: Sequence[str]) -> int:
         )
     if not 0 <= args.distance <= 32:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: --distance must be between 0 and 32\n")
+    from crawler.dups import near_duplicates, render  # noqa: PLC0415 (lazy: see above)
+
     print(render(near_duplicates(args.dir, args.distance)))
     return EXIT_OK
 

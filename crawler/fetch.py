@@ -32,7 +32,6 @@ from crawler.models import Failure, Fetched, FetchFailed, NotModified
 from crawler.probe import SNIFF_BYTES, Limits, check_geometry, dimensions, sniff
 from crawler.settings import Settings
 
-CHUNK = 64 * 1024
 PROBE_LIMIT = 1024 * 1024  # stop looking for a header after this many bytes
 ROBOTS_MAX_BYTES = 512 * 1024
 _MIME_SUBTYPES = {
@@ -170,7 +169,7 @@ class Fetcher:
             fmt: str | None = None
             sized = False
             started = time.monotonic()
-            async for chunk in resp.content.iter_chunked(CHUNK):
+            async for chunk in resp.content.iter_any():
                 body += chunk
                 if len(body) > self._cfg.max_bytes:
                     return failed(ErrorKind.TOO_LARGE, f"body over max_bytes {self._cfg.max_bytes}")

@@ -25,17 +25,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from crawler.errors import ErrorKind
 from crawler.models import Failure, ImageJob, ImageResult, ThumbSpec
-from crawler.probe import Limits, check_geometry
-
-EXTENSIONS: dict[str, str] = {
-    "JPEG": "jpg",
-    "PNG": "png",
-    "GIF": "gif",
-    "WEBP": "webp",
-    "BMP": "bmp",
-    "TIFF": "tif",
-}
-DEFAULT_FORMATS: tuple[str, ...] = tuple(EXTENSIONS)
+from crawler.probe import EXTENSIONS, Limits, check_geometry
 
 # A JPEG carrying a multi-picture index opens as "MPO"; its first picture is
 # an ordinary JPEG and is what a browser shows.

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from crawler import imaging
 from crawler.errors import ErrorKind
 from crawler.models import Failure, ImageJob, ImageResult
 from crawler.settings import PoolSettings
@@ -72,7 +71,17 @@ class _Executor(ProcessPoolExecutor):
         super()._adjust_process_count()
 
 
+def process_image(job: ImageJob) -> ImageResult | Failure:
+    """``imaging.process``, named here so the crawler's own process never imports
+    Pillow and numpy (the workers have them from the forkserver's preload)."""
+    from crawler import imaging  # noqa: PLC0415 (lazy: see above)
+
+    return imaging.process(job)
+
+
 def init_worker(max_pixels: int, crawler_pid: int) -> None:
+    from crawler import imaging  # noqa: PLC0415 (lazy: see above)
+
     imaging.init_worker(max_pixels)
     threading.Thread(target=_exit_with, args=(crawler_pid,), daemon=True).start()
 
@@ -115,7 +124,7 @@ class ImagePool:
         self,
         executor: Executor,
         factory: Callable[[], Executor] | None = None,
-        fn: Callable[[ImageJob], ImageResult | Failure] = imaging.process,
+        fn: Callable[[ImageJob], ImageResult | Failure] = process_image,
     ) -> None:
         self._executor = executor
         self._factory = factory

@@ -22,6 +22,17 @@ from crawler.models import Failure
 # bytes, or the bytearray a download is collected in (probed without copying it)
 Buffer = bytes | bytearray
 
+# The formats we can store, and their file extensions.
+EXTENSIONS: dict[str, str] = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tif",
+}
+DEFAULT_FORMATS: tuple[str, ...] = tuple(EXTENSIONS)
+
 # The BMP test reads the DIB header size at offset 14..18; everything else needs less.
 SNIFF_BYTES = 18
 

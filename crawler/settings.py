@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from crawler.hosts import HostPolicy
-from crawler.imaging import DEFAULT_FORMATS
 from crawler.models import ThumbSpec
+from crawler.probe import DEFAULT_FORMATS
 
 ENV_PREFIX = "CRAWLER_"
 StartMethod = Literal["fork", "spawn", "forkserver"]

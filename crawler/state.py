@@ -25,12 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
-
-import aiofiles
+from typing import Any, TextIO
 
 from crawler.models import Record
-from crawler.neardup import group
 
 log = logging.getLogger(__name__)
 LEDGER = "state.sqlite"
@@ -93,12 +90,11 @@ class Ledger:
         self._claims: dict[str, str] = {}  # sha256 -> URL, for images not yet committed
         self._queue: asyncio.Queue[tuple[Record, str | None, str | None] | None] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
-        self._manifest: Any = None
+        self._manifest: TextIO | None = None  # opened and written on the ledger thread
 
     async def __aenter__(self) -> Ledger:
         self._seq = await self._call(self._open)
         await self._call(self._repair_manifest)
-        self._manifest = await aiofiles.open(self.root / MANIFEST, "a", encoding="utf-8")
         self._writer = asyncio.create_task(self._write_records())
         return self
 
@@ -107,8 +103,6 @@ class Ledger:
             if self._writer is not None:
                 await self._queue.put(None)
                 await asyncio.shield(self._writer)
-            if self._manifest is not None:
-                await self._manifest.close()
             await self._call(self._write_manifest)
             await self._call(self._set_closed, "1")
         finally:
@@ -161,8 +155,6 @@ class Ledger:
             for record, _, _ in items:
                 if record.sha256 is not None:
                     self._claims.pop(record.sha256, None)
-            await self._manifest.write("".join(line + "\n" for line in lines))
-            await self._manifest.flush()
 
     async def _retry_while_full(self, fn: Any, *args: Any) -> None:
         """A full disk pauses the ledger rather than losing records (nothing is lost by waiting)."""
@@ -202,12 +194,16 @@ class Ledger:
         if row is None or row[0] != "1" or not (self.root / MANIFEST).exists():
             self._write_manifest()
         self._set_closed("0")
+        self._manifest = (self.root / MANIFEST).open("a", encoding="utf-8")
 
     def _set_closed(self, value: str) -> None:
         assert self._db is not None
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('closed', ?)", (value,))
 
     def _close(self) -> None:
+        if self._manifest is not None:
+            self._manifest.close()
+            self._manifest = None
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -307,9 +303,20 @@ class Ledger:
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        # On this thread, in the same hop as the commit: the manifest follows the
+        # ledger as it goes. It is derived data, rewritten from the ledger at the
+        # end (and after a crash), so a failed append is only logged.
+        assert self._manifest is not None
+        try:
+            self._manifest.write("".join(line + "\n" for line in lines))
+            self._manifest.flush()
+        except OSError as exc:
+            log.warning("manifest append failed (%s); it is rewritten at the end of the run", exc)
 
     def _write_manifest(self) -> None:
         """Rewrite the manifest from the ledger, near-duplicate groups included; atomically."""
+        from crawler.neardup import group  # noqa: PLC0415 (numpy: needed only here, at the end of a run)
+
         db = self._db
         assert db is not None
         rows = db.execute(

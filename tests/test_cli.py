@@ -133,3 +133,15 @@ async def test_csv_and_jsonl_meta_carried_through(server: LocalServer, tmp_path:
     assert good["meta"] == {"caption": "flag", "score": 0.5}
     assert (broken["status"], broken["error"]) == ("failed", "invalid_url")
     assert "line 2: not valid JSON" in broken["detail"]
+
+
+def test_the_crawling_process_does_not_load_the_image_libraries() -> None:
+    # Pillow and numpy belong to the pool's workers (preloaded by the forkserver);
+    # importing them in the crawler's own process only delays every crawl's start.
+    code = (
+        "import sys, crawler.__main__, crawler.pipeline;"
+        "print(sorted(m for m in ('PIL', 'numpy', 'crawler.imaging', 'crawler.service.server')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -19,15 +19,9 @@ from PIL import Image, ImageDraw, ImageFile, ImageOps
 
 from crawler import samples
 from crawler.errors import ErrorKind
-from crawler.imaging import (
-    DEFAULT_FORMATS,
-    EXTENSIONS,
-    hamming,
-    init_worker,
-    phash_hex,
-    process,
-)
+from crawler.imaging import hamming, init_worker, phash_hex, process
 from crawler.models import Failure, ImageJob, ImageResult, ThumbSpec
+from crawler.probe import DEFAULT_FORMATS, EXTENSIONS
 
 MAX_PIXELS = 50_000_000
 RGB = tuple[int, int, int]

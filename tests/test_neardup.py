@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from crawler import neardup, samples
-from crawler.imaging import DEFAULT_FORMATS, hamming, process
+from crawler.imaging import hamming, process
 from crawler.models import ImageJob, ImageResult, ThumbSpec
 from crawler.neardup import group, group_ints, groups, parse_hashes
+from crawler.probe import DEFAULT_FORMATS
 
 
 def hexes(values: Sequence[int]) -> list[str]:
