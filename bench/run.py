@@ -4,6 +4,9 @@ In one run, each measurement repeated (median of ``--repeat``):
 
 1. ceiling: the crawler's own image function over the corpus, read from
    local disk, in the same kind of process pool: no network, no storage;
+   and the same with each image's files written as the crawler writes them
+   (content-addressed, fsynced): the most any crawl that keeps its images
+   can do here;
 2. crawl: ``python -m crawler`` end to end over the corpus served from
    127.0.0.1, default settings, into a fresh directory;
 3. inline: the same crawl with the image function run on the event loop.
@@ -35,9 +38,10 @@ from PIL import Image
 from bench import corpus
 from bench.server import StaticServer
 from crawler import imaging
-from crawler.models import ImageJob
-from crawler.pool import make_executor
+from crawler.models import Failure, ImageJob
+from crawler.pool import SINGLE_THREADED, make_executor
 from crawler.settings import Settings
+from crawler.store import Store
 
 WORK = Path(".bench")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -113,7 +117,12 @@ def run_measured(
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
-    return {"wall": wall, "cpu": sampler.cpu_seconds, "peak_rss": sampler.peak_rss}
+    return {
+        "wall": wall,
+        "cpu": sampler.cpu_seconds,
+        "root_cpu": sampler.cpu_ticks.get(proc.pid, 0) / TICK,
+        "peak_rss": sampler.peak_rss,
+    }
 
 
 def verify(out: Path, expected: int, sizes: Sequence[int] = (256,)) -> None:
@@ -134,8 +143,22 @@ def verify(out: Path, expected: int, sizes: Sequence[int] = (256,)) -> None:
                     raise SystemExit(f"{path}: {im.format} {im.size} does not fit {size}")
 
 
-def ceiling(paths: Sequence[Path]) -> float:
-    """Images/s of the image function alone, in the crawler's own pool."""
+_stores: dict[str, Store] = {}  # per worker: Store remembers the directories it made
+
+
+def process_and_store(job: ImageJob, root: str) -> None:
+    """In a worker: the image function, then its files written as the crawler writes them."""
+    result = imaging.process(job)
+    if isinstance(result, Failure):
+        raise RuntimeError(f"{result.kind}: {result.detail}")
+    store = _stores.setdefault(root, Store(Path(root), job.thumbs.ext))
+    original, thumbs = store.paths(result)
+    files = [(original, job.data)] + [(thumbs[str(size)], d) for size, d in result.thumbnails]
+    store.write_all(files)
+
+
+def ceiling(paths: Sequence[Path], store: Path | None = None) -> float:
+    """Images/s of the image function alone, in the crawler's own pool (and storage, if given)."""
     settings = Settings()
     pool = make_executor(settings.pool, settings.image.max_pixels)
     spec = settings.image.thumb_spec()
@@ -148,7 +171,10 @@ def ceiling(paths: Sequence[Path]) -> float:
             job = ImageJob(
                 path.read_bytes(), spec, settings.image.max_pixels, settings.image.formats
             )
-            window.append(pool.submit(imaging.process, job))
+            if store is None:
+                window.append(pool.submit(imaging.process, job))
+            else:
+                window.append(pool.submit(process_and_store, job, str(store)))
             if len(window) >= 2 * settings.pool.size + 2:
                 window.pop(0).result()
         for f in window:
@@ -174,7 +200,20 @@ def crawl_once(name: str, urls: Path, n: int, inline: bool, run: int) -> dict[st
     summary = json.loads(stats.read_text())
     measured["images_per_s"] = n / measured["wall"]
     measured["loop_lag_ms"] = summary["loop_lag_ms"]
+    measured["crawler_cpu_ms_per_image"] = measured.pop("root_cpu") / n * 1000
+    measured["workers_cpu_ms_per_image"] = (measured["cpu"] / n * 1000) - measured[
+        "crawler_cpu_ms_per_image"
+    ]
     return measured
+
+
+def startup(urls: Path) -> float:
+    """Seconds for a crawl of one image: what every run pays before and after its images."""
+    first = WORK / "one.txt"
+    first.write_text(urls.read_text().splitlines()[0] + "\n")
+    out = WORK / "out" / f"one-{time.time_ns()}"
+    cmd = [sys.executable, "-m", "crawler", str(first), "--out", str(out), "--quiet"]
+    return float(run_measured(cmd)["wall"])
 
 
 def memory_benchmark(server: StaticServer, n: int) -> dict[str, Any]:
@@ -224,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hashes", type=int, default=1_000_000, help="hashes to group")
     args = parser.parse_args(argv)
     WORK.mkdir(exist_ok=True)
+    # Every measured process single-threads BLAS as the crawler's pool does, the
+    # inline baseline included: spinning OpenBLAS threads would handicap it.
+    for name in SINGLE_THREADED:
+        os.environ.setdefault(name, "1")
 
     t0 = time.monotonic()
     paths = corpus.build(WORK / "corpus", args.count)
@@ -238,7 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "corpus": {"images": len(paths), "mb": round(total_bytes / 1e6, 1)},
     }
-    runs: dict[str, list[dict[str, Any]]] = {"ceiling": [], "crawl": [], "inline": []}
+    runs: dict[str, list[dict[str, Any]]] = {
+        "ceiling": [],
+        "stored": [],
+        "crawl": [],
+        "inline": [],
+        "startup": [],
+    }
     with StaticServer(WORK / "corpus") as server:
         result["server"] = server.kind
         urls = WORK / "urls.txt"
@@ -246,12 +295,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_cpu_before = server.cpu_seconds()
         for run in range(args.repeat):
             runs["ceiling"].append({"images_per_s": ceiling(paths)})
+            store_dir = WORK / "out" / f"stored-{run}-{time.time_ns()}"
+            runs["stored"].append({"images_per_s": ceiling(paths, store_dir)})
             runs["crawl"].append(crawl_once("crawl", urls, len(paths), False, run))
             runs["inline"].append(crawl_once("inline", urls, len(paths), True, run))
+            runs["startup"].append({"seconds": startup(urls)})
             print(
                 f"run {run + 1}: ceiling {runs['ceiling'][-1]['images_per_s']:.1f}/s, "
+                f"with storage {runs['stored'][-1]['images_per_s']:.1f}/s, "
                 f"crawl {runs['crawl'][-1]['images_per_s']:.1f}/s, "
-                f"inline {runs['inline'][-1]['images_per_s']:.1f}/s"
+                f"inline {runs['inline'][-1]['images_per_s']:.1f}/s, "
+                f"one-image crawl {runs['startup'][-1]['seconds']:.2f}s"
             )
         result["server_cpu_s"] = round(server.cpu_seconds() - server_cpu_before, 1)
         if args.long:
@@ -261,10 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def med(name: str, key: str) -> float:
         return float(statistics.median(r[key] for r in runs[name]))
 
-    crawl, inline, top = (
+    crawl, inline, top, stored = (
         med("crawl", "images_per_s"),
         med("inline", "images_per_s"),
         med("ceiling", "images_per_s"),
+        med("stored", "images_per_s"),
     )
 
     def lag(name: str) -> dict[str, float]:
@@ -273,14 +328,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     result["median"] = {
         "ceiling_images_per_s": round(top, 1),
+        "ceiling_with_storage_images_per_s": round(stored, 1),
         "crawl_images_per_s": round(crawl, 1),
         "inline_images_per_s": round(inline, 1),
         "crawl_mb_per_s": round(total_bytes / 1e6 / med("crawl", "wall"), 1),
         "crawl_cpu_utilisation": round(med("crawl", "cpu") / (med("crawl", "wall") * CORES), 2),
         "crawl_peak_rss_mb": round(med("crawl", "peak_rss") / 2**20, 1),
+        "crawl_cpu_ms_per_image": {
+            "crawler_process": round(med("crawl", "crawler_cpu_ms_per_image"), 2),
+            "workers_and_forkserver": round(med("crawl", "workers_cpu_ms_per_image"), 2),
+        },
+        "one_image_crawl_s": round(med("startup", "seconds"), 2),
         "crawl_loop_lag_ms": lag("crawl"),
         "inline_loop_lag_ms": lag("inline"),
         "crawl_over_ceiling": round(crawl / top, 3),
+        "crawl_over_ceiling_with_storage": round(crawl / stored, 3),
         "crawl_over_inline": round(crawl / inline, 2),
     }
     result["runs"] = runs

@@ -28,7 +28,7 @@ import uvloop
 
 from crawler import __version__
 from crawler.errors import ErrorKind
-from crawler.pipeline import crawl
+from crawler.pool import prestart
 from crawler.report import Stats
 from crawler.settings import Settings, SettingsError, load_settings
 from crawler.sources import FORMATS, Source, SourceError, open_source
@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, SourceError, ValueError) as exc:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    prestart(settings.pool)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(
             _run(source, settings, revisit, quiet=args.quiet, stats_json=args.stats_json)
@@ -214,6 +215,10 @@ def _kinds(value: str) -> frozenset[str]:
 async def _run(
     source: Source, settings: Settings, revisit: Revisit, *, quiet: bool, stats_json: Path | None
 ) -> int:
+    # Imported here, after prestart(): aiohttp and the rest load while the
+    # forkserver loads Pillow and numpy.
+    from crawler.pipeline import crawl  # noqa: PLC0415
+
     loop = asyncio.get_running_loop()
     stats = Stats()
     stop = asyncio.Event()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import select
 import threading
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 SINGLE_THREADED = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def make_executor(settings: PoolSettings, max_pixels: int) -> ProcessPoolExecutor:
+def _context(settings: PoolSettings) -> multiprocessing.context.BaseContext:
     for name in SINGLE_THREADED:
         os.environ.setdefault(name, "1")  # inherited by the forkserver and spawned workers
     context = multiprocessing.get_context(settings.start_method)
@@ -48,6 +49,19 @@ def make_executor(settings: PoolSettings, max_pixels: int) -> ProcessPoolExecuto
         # Workers forked from a server that has already imported Pillow and numpy
         # start in milliseconds instead of re-importing them each time.
         context.set_forkserver_preload(["crawler.imaging"])
+    return context
+
+
+def prestart(settings: PoolSettings) -> None:
+    """Start the forkserver now: it imports Pillow and numpy on one core while the
+    crawler imports the rest of itself on another (~0.1 s off every run's start)."""
+    if settings.start_method == "forkserver":
+        _context(settings)
+        multiprocessing.forkserver.ensure_running()
+
+
+def make_executor(settings: PoolSettings, max_pixels: int) -> ProcessPoolExecutor:
+    context = _context(settings)
     return _Executor(
         max_workers=settings.size,
         mp_context=context,

@@ -66,10 +66,11 @@ class Store:
         """
         original, thumbs = self.paths(result)
         files = [(original, body)] + [(thumbs[str(size)], data) for size, data in result.thumbnails]
-        await asyncio.to_thread(self._write_all, files)
+        await asyncio.to_thread(self.write_all, files)
         return original, thumbs
 
-    def _write_all(self, files: list[tuple[str, bytes]]) -> None:
+    def write_all(self, files: list[tuple[str, bytes]]) -> None:
+        """Blocking: for a thread (as ``save`` does) or a worker process."""
         for relative, data in files:
             self._put(relative, data)
 
