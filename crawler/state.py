@@ -8,7 +8,8 @@ its files are in place, so the ledger never names a file that isn't there.
 
 SQLite is used from one dedicated thread (its connection never leaves it);
 the event loop talks to it through ``run_in_executor``. Record writes are
-batched: a writer task commits whatever has queued up in one transaction.
+batched: a writer task commits whatever has queued up in one transaction,
+and the same thread call appends those records to the manifest.
 """
 
 from __future__ import annotations
