@@ -140,8 +140,16 @@ def _put_unnamed(path: Path, data: bytes) -> None:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
-            with contextlib.suppress(FileExistsError):  # the same content, stored meanwhile
+            try:
                 os.link(f"/proc/self/fd/{fd}", path.name, dst_dir_fd=directory)
+            except FileExistsError:
+                pass  # the same content, stored meanwhile
+            except OSError as exc:
+                # A sandbox without /proc links (EXDEV, EPERM, ENOENT): the unnamed
+                # file is freed on close and the caller writes a named one instead.
+                if exc.errno in (errno.EXDEV, errno.EPERM, errno.ENOENT):
+                    raise _NoUnnamed from exc
+                raise
         finally:
             os.close(fd)
     finally:

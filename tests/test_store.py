@@ -48,6 +48,20 @@ def test_unnamed_files_are_used_where_the_filesystem_has_them(tmp_path: Path) ->
     assert not (tmp_path / TMP_DIR).exists()
 
 
+def test_a_refused_link_falls_back_to_named_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refused)
+    store = Store(tmp_path, "jpg")
+    store.write_all([(image_path(SHA, "png"), b"original")])
+    assert not store._unnamed
+    assert (tmp_path / image_path(SHA, "png")).read_bytes() == b"original"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [tmp_path / image_path(SHA, "png")]
+
+
 async def test_existing_content_is_not_rewritten(store: Store) -> None:
     original, _ = await store.save(RESULT, b"original")
     (store.root / original).chmod(0o444)
