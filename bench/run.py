@@ -6,7 +6,8 @@ In one run, each measurement repeated (median of ``--repeat``):
    local disk, in the same kind of process pool: no network, no storage;
    and the same with each image's files written as the crawler writes them
    (content-addressed, fsynced): the most any crawl that keeps its images
-   can do here;
+   can do here; and the ceiling with one worker, which says how far two
+   workers scale on this machine (the ideal crawl/inline is about that);
 2. crawl: ``python -m crawler`` end to end over the corpus served from
    127.0.0.1, default settings, into a fresh directory;
 3. inline: the same crawl with the image function run on the event loop.
@@ -30,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -151,19 +153,20 @@ def process_and_store(job: ImageJob, root: str) -> None:
     result = imaging.process(job)
     if isinstance(result, Failure):
         raise RuntimeError(f"{result.kind}: {result.detail}")
-    store = _stores.setdefault(root, Store(Path(root), job.thumbs.ext))
-    original, thumbs = store.paths(result)
-    files = [(original, job.data)] + [(thumbs[str(size)], d) for size, d in result.thumbnails]
-    store.write_all(files)
+    _stores.setdefault(root, Store(Path(root), job.thumbs.ext)).write(result, job.data)
 
 
-def ceiling(paths: Sequence[Path], store: Path | None = None) -> float:
-    """Images/s of the image function alone, in the crawler's own pool (and storage, if given)."""
+def ceiling(paths: Sequence[Path], store: Path | None = None, workers: int = 0) -> float:
+    """Images/s of the image function alone, in the crawler's own pool (and storage, if given).
+
+    ``workers``: the pool's size (default: one per core, as the crawler's).
+    """
     settings = Settings()
-    pool = make_executor(settings.pool, settings.image.max_pixels)
+    pool_settings = replace(settings.pool, workers=workers) if workers else settings.pool
+    pool = make_executor(pool_settings, settings.image.max_pixels)
     spec = settings.image.thumb_spec()
     try:
-        for f in [pool.submit(time.sleep, 0) for _ in range(settings.pool.size * 2)]:
+        for f in [pool.submit(time.sleep, 0) for _ in range(pool_settings.size * 2)]:
             f.result()  # workers started before the clock does
         window: list[Future[Any]] = []
         started = time.monotonic()
@@ -175,7 +178,7 @@ def ceiling(paths: Sequence[Path], store: Path | None = None) -> float:
                 window.append(pool.submit(imaging.process, job))
             else:
                 window.append(pool.submit(process_and_store, job, str(store)))
-            if len(window) >= 2 * settings.pool.size + 2:
+            if len(window) >= 2 * pool_settings.size + 2:
                 window.pop(0).result()
         for f in window:
             f.result()
@@ -283,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     runs: dict[str, list[dict[str, Any]]] = {
         "ceiling": [],
+        "one_worker": [],
         "stored": [],
         "crawl": [],
         "inline": [],
@@ -295,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_cpu_before = server.cpu_seconds()
         for run in range(args.repeat):
             runs["ceiling"].append({"images_per_s": ceiling(paths)})
+            runs["one_worker"].append({"images_per_s": ceiling(paths, workers=1)})
             store_dir = WORK / "out" / f"stored-{run}-{time.time_ns()}"
             runs["stored"].append({"images_per_s": ceiling(paths, store_dir)})
             runs["crawl"].append(crawl_once("crawl", urls, len(paths), False, run))
@@ -302,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs["startup"].append({"seconds": startup(urls)})
             print(
                 f"run {run + 1}: ceiling {runs['ceiling'][-1]['images_per_s']:.1f}/s, "
+                f"one worker {runs['one_worker'][-1]['images_per_s']:.1f}/s, "
                 f"with storage {runs['stored'][-1]['images_per_s']:.1f}/s, "
                 f"crawl {runs['crawl'][-1]['images_per_s']:.1f}/s, "
                 f"inline {runs['inline'][-1]['images_per_s']:.1f}/s, "
@@ -329,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["median"] = {
         "ceiling_images_per_s": round(top, 1),
         "ceiling_with_storage_images_per_s": round(stored, 1),
+        "one_worker_images_per_s": round(med("one_worker", "images_per_s"), 1),
+        "pool_scaling": round(top / med("one_worker", "images_per_s"), 2),
         "crawl_images_per_s": round(crawl, 1),
         "inline_images_per_s": round(inline, 1),
         "crawl_mb_per_s": round(total_bytes / 1e6 / med("crawl", "wall"), 1),

@@ -37,7 +37,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import aiofiles.os
 
@@ -180,6 +180,7 @@ class _Pending:
     run: _Run
     entry: UrlEntry
     url: str
+    parts: SplitResult  # urlsplit(url), once: the host key and robots' origin both come from it
     host: str
     started: float
     fetched_at: str
@@ -270,14 +271,16 @@ class _Run:
                 parts = urlsplit(url)
                 host = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
                 now = datetime.now(UTC).isoformat(timespec="seconds")
-                item = _Pending(self, entry, url, host, time.monotonic(), now)
+                item = _Pending(self, entry, url, parts, host, time.monotonic(), now)
                 item.etag, item.last_modified = admission.etag, admission.last_modified
                 self.scheduler.submit(host, item)
 
     async def fetch(self, item: _Pending) -> None:
         """Scheduler work: one attempt; then retry later, record, or pass the body on."""
         try:
-            if self.settings.hosts.respect_robots and not await self.robots.allowed(item.url):
+            if self.settings.hosts.respect_robots and not await self.robots.allowed(
+                item.url, item.parts
+            ):
                 failure = Failure(ErrorKind.ROBOTS, "disallowed by robots.txt")
                 await self._record(self._base(item, failure=failure))
                 return

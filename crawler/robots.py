@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeAlias
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 from urllib.robotparser import RobotFileParser
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,14 @@ class RobotsCache:
         self._cache: OrderedDict[str, _Rules] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[_Rules]] = {}
 
-    async def allowed(self, url: str) -> bool:
-        """Whether robots.txt lets us fetch ``url``.
+    async def allowed(self, url: str, parts: SplitResult | None = None) -> bool:
+        """Whether robots.txt lets us fetch ``url`` (``parts``: its urlsplit, if known).
 
         URLs that are not http(s) or do not parse are allowed without a fetch: there
         is no robots.txt to ask, and the fetch layer reports them as invalid itself.
         """
         try:
-            origin = _origin(url)
+            origin = _origin(parts or urlsplit(url))
         except ValueError:
             return True
         if origin is None:
@@ -151,8 +151,7 @@ def product_token(user_agent: str) -> str:
     return re.split(r"[/\s]", user_agent.strip(), maxsplit=1)[0].lower()
 
 
-def _origin(url: str) -> str | None:
-    parts = urlsplit(url)
+def _origin(parts: SplitResult) -> str | None:
     host = parts.hostname
     if parts.scheme not in _DEFAULT_PORTS or not host:
         return None

@@ -54,10 +54,13 @@ class Store:
         return image_path(result.sha256, result.ext), thumbs
 
     async def clean(self) -> None:
-        """Remove temporary files a crashed run left behind."""
+        """Remove temporary files a crashed run left behind (only the fallback path makes them)."""
         tmp = self.root / TMP_DIR
-        await aiofiles.os.makedirs(tmp, exist_ok=True)
-        for name in await aiofiles.os.listdir(tmp):
+        try:
+            names = await aiofiles.os.listdir(tmp)
+        except FileNotFoundError:
+            return
+        for name in names:
             with contextlib.suppress(FileNotFoundError):
                 await aiofiles.os.remove(tmp / name)
 
@@ -68,13 +71,16 @@ class Store:
         operation (open, write, fsync, close, rename: a dozen per image) cost
         the event loop's process more CPU than the writes themselves.
         """
+        return await asyncio.to_thread(self.write, result, body)
+
+    def write(self, result: ImageResult, body: bytes) -> tuple[str, dict[str, str]]:
+        """``save``, blocking: for a thread (as ``save`` does) or a worker process."""
         original, thumbs = self.paths(result)
         files = [(original, body)] + [(thumbs[str(size)], data) for size, data in result.thumbnails]
-        await asyncio.to_thread(self.write_all, files)
+        self.write_all(files)
         return original, thumbs
 
     def write_all(self, files: list[tuple[str, bytes]]) -> None:
-        """Blocking: for a thread (as ``save`` does) or a worker process."""
         for relative, data in files:
             self._put(relative, data)
 

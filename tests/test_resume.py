@@ -21,7 +21,7 @@ from crawler.pipeline import crawl
 from crawler.pool import ImagePool
 from crawler.settings import PoolSettings
 from crawler.state import Revisit
-from crawler.store import TMP_DIR
+from crawler.store import TMP_DIR, TMP_PREFIX
 from tests.conftest import by_url, entries, make_settings, read_manifest
 from tests.server import LocalServer
 
@@ -32,7 +32,7 @@ def check_store(out: Path) -> None:
     """Every stored file re-hashes to its own name, and no temporary file is left."""
     for path in (out / "images").rglob("*.*"):
         assert hashlib.sha256(path.read_bytes()).hexdigest() == path.stem, path
-    assert not any((out / TMP_DIR).iterdir())
+    assert not list(out.rglob(f"{TMP_PREFIX}*"))
 
 
 async def test_a_second_run_fetches_nothing_again(
