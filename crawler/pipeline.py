@@ -32,6 +32,7 @@ import errno
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -66,6 +67,7 @@ from crawler.store import Store
 
 log = logging.getLogger(__name__)
 BATCH = 256
+WINDOW_BYTES = 64 * 2**20  # bodies held for the pool, at most (one alone may be bigger)
 DISK_FULL_RETRY = 1.0
 
 
@@ -206,8 +208,9 @@ class _Run:
         self.open = 0  # admitted and not yet ended
         self.reading = True
         self.finished = asyncio.Event()
-        # Enough bodies queued for the pool that no worker waits on the network.
-        self.processing = asyncio.Semaphore(max(4, 2 * settings.pool.size + 2))
+        # Enough bodies for the pool that no worker waits on the network, and
+        # its batches fill while the workers are busy.
+        self.processing = Window(max(4, self.pool.window), WINDOW_BYTES)
         # Bodies written to disk at once: the pool moves on while they are stored.
         self.storing = asyncio.Semaphore(16)
         self.tasks: asyncio.TaskGroup | None = None
@@ -296,7 +299,7 @@ class _Run:
                 await self._failed_attempt(item, result)
                 return
             self.scheduler.done(item.host, Outcome.OK)
-            await self.processing.acquire()
+            await self.processing.acquire(len(result.body))
         except Exception as exc:
             await self._internal(item, exc)
             return
@@ -354,7 +357,7 @@ class _Run:
         finally:
             # The slot is the pool's: free it before storage, or the workers
             # wait while files are written and fsynced.
-            self.processing.release()
+            self.processing.release(len(fetched.body))
         if isinstance(result, Failure):
             return self._base(item, fetched=fetched, failure=result)
         first = await self.ledger.first_url(result.sha256, item.entry.url)
@@ -458,6 +461,51 @@ class _Run:
             await self.ledger.record(record)
         else:
             await self.ledger.record(record, fetched.etag, fetched.last_modified)
+
+
+class Window:
+    """Bodies held for the pool: at most ``count`` of them and ``size`` bytes.
+
+    A count alone would let a window of large images hold ``count * max_bytes``.
+    One body is always let in, however big (``max_bytes`` bounds it), and
+    waiters are served in order, so a big body is not overtaken forever.
+    """
+
+    def __init__(self, count: int, size: int) -> None:
+        self._count = count
+        self._size = size
+        self._held = 0
+        self._bytes = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def _fits(self, n: int) -> bool:
+        return self._held < self._count and (self._held == 0 or self._bytes + n <= self._size)
+
+    def _take(self, n: int) -> None:
+        self._held += 1
+        self._bytes += n
+
+    async def acquire(self, n: int) -> None:
+        if not self._waiting and self._fits(n):
+            self._take(n)
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((n, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(n)  # granted just as the waiter was cancelled
+            raise
+
+    def release(self, n: int) -> None:
+        self._held -= 1
+        self._bytes -= n
+        while self._waiting and self._fits(self._waiting[0][0]):
+            size, future = self._waiting.popleft()
+            if not future.done():  # a cancelled waiter is dropped
+                self._take(size)
+                future.set_result(None)
 
 
 def _failed(entry: UrlEntry, failure: Failure) -> Record:

@@ -1,16 +1,115 @@
-"""The process pool itself: worker retirement never stalls queued images."""
+"""The process pool itself: batches under load, one image's failure stays its own,
+worker retirement never stalls queued images."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
-from concurrent.futures import wait
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from typing import Any
 
 import pytest
 
-from crawler.pool import SINGLE_THREADED, make_executor
+from crawler import pool as pool_module
+from crawler.errors import ErrorKind
+from crawler.models import Failure, ImageJob, ImageResult, ThumbSpec
+from crawler.pool import SINGLE_THREADED, ImagePool, make_executor
 from crawler.settings import PoolSettings
+
+
+def echo(job: ImageJob) -> ImageResult | Failure:
+    """A stand-in image function: each image's answer names it."""
+    if job.data == b"raise":
+        raise ValueError("a bug on this image")
+    if job.data == b"crash":
+        os._exit(9)  # what a segfaulting decoder does to its worker
+    time.sleep(0.02)
+    return Failure("echo", job.data.decode())
+
+
+def job(data: bytes) -> ImageJob:
+    return ImageJob(data, ThumbSpec(), 1000, ("JPEG",))
+
+
+class Counting(ThreadPoolExecutor):
+    """Threads instead of processes, remembering the size of each batch submitted."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.batches: list[int] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.batches.append(len(args[1]))  # run_batch(fn, jobs)
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_images_go_in_batches_under_load_and_each_gets_its_own_answer() -> None:
+    executor = Counting()
+    pool = ImagePool(executor, fn=echo, workers=2, max_batch=4)
+    try:
+        results = await asyncio.gather(*(pool.process(job(str(i).encode())) for i in range(20)))
+    finally:
+        executor.shutdown()
+    assert results == [Failure("echo", str(i)) for i in range(20)]
+    # An idle pool takes an image at once, alone; the rest wait for a batch out
+    # (at most workers + 1) to come back and then go together.
+    assert executor.batches[:3] == [1, 1, 1]
+    assert max(executor.batches) == 4
+    assert sum(executor.batches) == 20 and len(executor.batches) <= 8
+
+
+async def test_large_images_go_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "BATCH_BYTES", 5)  # each 3-byte image is "large" in pairs
+    executor = Counting()
+    pool = ImagePool(executor, fn=echo, workers=1, max_batch=4)
+    try:
+        await asyncio.gather(*(pool.process(job(b"%03d" % i)) for i in range(8)))
+    finally:
+        executor.shutdown()
+    assert executor.batches == [1] * 8
+
+
+async def test_an_exception_is_its_own_images_not_its_batchs() -> None:
+    executor = Counting()
+    pool = ImagePool(executor, fn=echo, workers=1, max_batch=8)
+    try:
+        results = await asyncio.gather(
+            *(pool.process(job(b"raise" if i == 5 else b"%d" % i)) for i in range(10)),
+            return_exceptions=True,
+        )
+    finally:
+        executor.shutdown()
+    assert max(executor.batches) > 1
+    assert isinstance(results[5], ValueError)
+    assert [r for i, r in enumerate(results) if i != 5] == [
+        Failure("echo", str(i)) for i in range(10) if i != 5
+    ]
+
+
+async def test_an_image_that_kills_its_worker_fails_alone_not_its_batch() -> None:
+    settings = PoolSettings(workers=1)
+
+    def factory() -> Executor:
+        return make_executor(settings, 1000)
+
+    pool = ImagePool(factory(), factory, fn=echo, workers=1, max_batch=8)
+    try:
+        results = await asyncio.gather(
+            *(pool.process(job(b"crash" if i == 6 else b"%d" % i)) for i in range(10))
+        )
+    finally:
+        await pool.shutdown()
+    # The batch it was in broke the pool; each of its images then went alone,
+    # and only the one that broke the pool again was failed.
+    assert results[6] == Failure(ErrorKind.WORKER_CRASHED, pool_module.WORKER_CRASHED.detail)
+    assert [r for i, r in enumerate(results) if i != 6] == [
+        Failure("echo", str(i)) for i in range(10) if i != 6
+    ]
+    assert pool.rebuilds == 2
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -18,7 +18,7 @@ import pytest
 from crawler import samples
 from crawler.models import Failure, ImageJob, ImageResult, ThumbSpec
 from crawler.pipeline import crawl
-from crawler.pool import ImagePool
+from crawler.pool import MAX_BATCH, ImagePool
 from crawler.settings import PoolSettings
 from crawler.state import Revisit
 from crawler.store import TMP_DIR, TMP_PREFIX
@@ -247,9 +247,9 @@ async def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result(
     assert {r["status"] for r in records} == {"ok"}
     check_store(out)
     image_hits = sum(v for k, v in server.hits.items() if k.startswith("/img/"))
-    # each kill can cost at most what was in flight: 16 fetch slots, 6 bodies
-    # for the pool (2 workers), 16 being stored
-    assert image_hits <= n + len(kills) * (16 + 6 + 16)
+    # each kill can cost at most what was in flight: 16 fetch slots, the pool's
+    # window (2 workers: 3 batches out), 16 being stored
+    assert image_hits <= n + len(kills) * (16 + 3 * MAX_BATCH + 16)
 
 
 def write_urls(tmp_path: Path, urls: list[str]) -> Path:
