@@ -316,8 +316,6 @@ class Ledger:
 
     def _write_manifest(self) -> None:
         """Rewrite the manifest from the ledger, near-duplicate groups included; atomically."""
-        from crawler.neardup import group  # noqa: PLC0415 (numpy: needed only here, at the end of a run)
-
         db = self._db
         assert db is not None
         rows = db.execute(
@@ -327,7 +325,7 @@ class Ledger:
         first_sha: dict[str, str] = {}
         by_sha = {sha: phash for phash, sha in rows}
         shas = list(dict.fromkeys(sha for _, sha in rows))
-        labels = group([by_sha[s] for s in shas]) if shas else []
+        labels = _group([by_sha[s] for s in shas]) if shas else []
         sizes: dict[int, int] = {}
         for label in labels:
             sizes[label] = sizes.get(label, 0) + 1
@@ -348,3 +346,11 @@ class Ledger:
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(self.root / MANIFEST)
+
+
+def _group(phashes: list[str]) -> list[int]:
+    # Imported only when there is something to group: numpy takes ~0.1 s to load,
+    # which a new run's first (empty) manifest should not pay.
+    from crawler.neardup import group  # noqa: PLC0415
+
+    return group(phashes)
