@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from array import array
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,6 +56,15 @@ def group(hashes: Sequence[str], distance: int = 6) -> list[int]:
     """For each hash, the input index of the first member of its group (itself if alone)."""
     labels: list[int] = group_ints(parse_hashes(hashes), distance).tolist()
     return labels
+
+
+def grouped(values: array[int], distance: int = 6) -> dict[int, int]:
+    """For each hash in a group of two or more: its index -> the index of the group's first
+    member. ``values``: the hashes as an ``array('Q')`` (8 bytes each, no objects)."""
+    labels = group_ints(np.frombuffer(values, dtype=np.uint64), distance)
+    counts = np.bincount(labels, minlength=labels.size)
+    members = np.flatnonzero(counts[labels] > 1)
+    return dict(zip(members.tolist(), labels[members].tolist(), strict=True))
 
 
 def groups(hashes: Sequence[str], distance: int = 6) -> list[list[int]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+from array import array
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,7 +15,7 @@ from PIL import Image
 from crawler import neardup, samples
 from crawler.imaging import hamming, process
 from crawler.models import ImageJob, ImageResult, ThumbSpec
-from crawler.neardup import group, group_ints, groups, parse_hashes
+from crawler.neardup import group, group_ints, grouped, groups, parse_hashes
 from crawler.probe import DEFAULT_FORMATS
 
 
@@ -185,6 +187,15 @@ def test_group_ints_agrees_with_group() -> None:
     labels = group_ints(np.array(values, dtype=np.uint64), 6)
     assert labels.dtype == np.int64
     assert labels.tolist() == group(hexes(values))
+
+
+def test_grouped_maps_each_member_of_a_group_to_its_first() -> None:
+    values = planted(seed=12)
+    labels = group(hexes(values))
+    sizes = Counter(labels)
+    expected = {i: label for i, label in enumerate(labels) if sizes[label] > 1}
+    assert expected  # the planted groups are there
+    assert grouped(array("Q", values)) == expected
 
 
 def test_parse_hashes_reads_big_endian_hex() -> None:
