@@ -38,7 +38,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 import aiofiles.os
 
@@ -59,7 +59,7 @@ from crawler.models import (
 )
 from crawler.pool import ImagePool
 from crawler.report import LoopLag, Progress, Stats, Summary
-from crawler.robots import RobotsCache
+from crawler.robots import RobotsCache, robots_origin
 from crawler.settings import Settings
 from crawler.sources import check_url
 from crawler.state import Ledger, Revisit, Verdict
@@ -182,7 +182,7 @@ class _Pending:
     run: _Run
     entry: UrlEntry
     url: str
-    parts: SplitResult  # urlsplit(url), once: the host key and robots' origin both come from it
+    origin: str | None  # of its robots.txt; with the host key, from one urlsplit of the URL
     host: str
     started: float
     fetched_at: str
@@ -271,10 +271,12 @@ class _Run:
                 await self._record(Record(entry.url, "skipped", detail=detail, meta=entry.meta))
             else:
                 assert url is not None
-                parts = urlsplit(url)
-                host = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+                parts = urlsplit(url)  # valid: check_url split it already
+                hostname, port = parts.hostname, parts.port
+                host = f"{hostname}:{port or (443 if parts.scheme == 'https' else 80)}"
+                origin = robots_origin(parts.scheme, hostname, port)
                 now = datetime.now(UTC).isoformat(timespec="seconds")
-                item = _Pending(self, entry, url, parts, host, time.monotonic(), now)
+                item = _Pending(self, entry, url, origin, host, time.monotonic(), now)
                 item.etag, item.last_modified = admission.etag, admission.last_modified
                 self.scheduler.submit(host, item)
 
@@ -282,7 +284,7 @@ class _Run:
         """Scheduler work: one attempt; then retry later, record, or pass the body on."""
         try:
             if self.settings.hosts.respect_robots and not await self.robots.allowed(
-                item.url, item.parts
+                item.url, item.origin
             ):
                 failure = Failure(ErrorKind.ROBOTS, "disallowed by robots.txt")
                 await self._record(self._base(item, failure=failure))
@@ -426,29 +428,30 @@ class _Run:
         fetched: Fetched | FetchFailed | None = None,
         failure: Failure | None = None,
     ) -> Record:
-        """The record as far as ``item`` got: fetch facts, and the failure if there is one."""
-        record = Record(
+        """The record as far as ``item`` got: fetch facts, and the failure if there is one.
+
+        Built in one call: it is made for every URL, and each ``dataclasses.replace``
+        cost more than the whole constructor (~40 us of a 404's ~600 us).
+        """
+        status: Status = "failed"
+        error = detail = None
+        if failure is not None:
+            status = "skipped" if failure.kind in SKIP_KINDS else "failed"
+            error, detail = str(failure.kind), failure.detail or None
+        return Record(
             url=item.entry.url,
-            status="failed",
+            status=status,
+            error=error,
+            detail=detail,
+            http_status=None if fetched is None else fetched.http_status,
+            final_url=None if fetched is None else fetched.final_url,
+            content_type=None if fetched is None else fetched.content_type,
+            bytes=len(fetched.body) if isinstance(fetched, Fetched) else None,
             meta=item.entry.meta,
             fetched_at=item.fetched_at,
             attempts=item.attempts,
             elapsed_ms=round((time.monotonic() - item.started) * 1000),
         )
-        if fetched is not None:
-            record = replace(
-                record,
-                http_status=fetched.http_status,
-                final_url=fetched.final_url,
-                content_type=fetched.content_type,
-                bytes=len(fetched.body) if isinstance(fetched, Fetched) else None,
-            )
-        if failure is not None:
-            status: Status = "skipped" if failure.kind in SKIP_KINDS else "failed"
-            record = replace(
-                record, status=status, error=str(failure.kind), detail=failure.detail or None
-            )
-        return record
 
     def _backoff(self, attempt: int) -> float:
         cfg = self.settings.fetch

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeAlias
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 from urllib.robotparser import RobotFileParser
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,13 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 class _Rules:
     parser: RobotFileParser | None  # None: nothing is disallowed
     expires: float
+
+
+class _Unset:
+    """``allowed()``'s "origin not given" (None means "the URL has none")."""
+
+
+_UNSET = _Unset()
 
 
 class RobotsCache:
@@ -87,16 +94,18 @@ class RobotsCache:
         self._cache: OrderedDict[str, _Rules] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[_Rules]] = {}
 
-    async def allowed(self, url: str, parts: SplitResult | None = None) -> bool:
-        """Whether robots.txt lets us fetch ``url`` (``parts``: its urlsplit, if known).
+    async def allowed(self, url: str, origin: str | _Unset | None = _UNSET) -> bool:
+        """Whether robots.txt lets us fetch ``url`` (``origin``: its ``robots_origin``, if known).
 
         URLs that are not http(s) or do not parse are allowed without a fetch: there
         is no robots.txt to ask, and the fetch layer reports them as invalid itself.
         """
-        try:
-            origin = _origin(parts or urlsplit(url))
-        except ValueError:
-            return True
+        if isinstance(origin, _Unset):
+            try:
+                parts = urlsplit(url)
+                origin = robots_origin(parts.scheme, parts.hostname, parts.port)
+            except ValueError:
+                return True
         if origin is None:
             return True
         rules = await self._rules_for(origin)
@@ -151,16 +160,16 @@ def product_token(user_agent: str) -> str:
     return re.split(r"[/\s]", user_agent.strip(), maxsplit=1)[0].lower()
 
 
-def _origin(parts: SplitResult) -> str | None:
-    host = parts.hostname
-    if parts.scheme not in _DEFAULT_PORTS or not host:
+def robots_origin(scheme: str, host: str | None, port: int | None) -> str | None:
+    """Where a URL's robots.txt lives (``scheme://host[:port]``), from its urlsplit parts;
+    None for a URL that has none (not http(s), no host)."""
+    if scheme not in _DEFAULT_PORTS or not host:
         return None
-    port = parts.port  # raises ValueError when out of range
     if ":" in host:
         host = f"[{host}]"
-    if port is None or port == _DEFAULT_PORTS[parts.scheme]:
-        return f"{parts.scheme}://{host}"
-    return f"{parts.scheme}://{host}:{port}"
+    if port is None or port == _DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
 
 
 def _parse(text: str) -> RobotFileParser:
