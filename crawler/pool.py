@@ -37,6 +37,9 @@ from crawler.settings import PoolSettings
 
 log = logging.getLogger(__name__)
 
+MAX_BATCH = 8  # images per pool task, at most
+BATCH_BYTES = 16 * 2**20  # a batch is one pickled message: a few large images go alone
+
 
 # The workers are the parallelism. numpy's OpenBLAS would also start a thread
 # per core wherever numpy is imported (the forkserver, spawned workers, the
@@ -72,10 +75,12 @@ def make_executor(settings: PoolSettings, max_pixels: int) -> ProcessPoolExecuto
         mp_context=context,
         initializer=init_worker,
         initargs=(max_pixels, os.getpid()),
-        # Not allowed with fork, where workers are never replaced anyway.
+        # Not allowed with fork, where workers are never replaced anyway. A task
+        # is a batch of up to MAX_BATCH images: a worker retires after at most
+        # max_tasks_per_child images.
         max_tasks_per_child=None
         if settings.start_method == "fork"
-        else settings.max_tasks_per_child,
+        else max(1, settings.max_tasks_per_child // MAX_BATCH),
     )
 
 
@@ -175,10 +180,6 @@ def run_batch(
         except Exception as exc:  # handed back to that image's caller
             results.append(exc)
     return results
-
-
-MAX_BATCH = 8
-BATCH_BYTES = 16 * 2**20  # a batch is one pickled message: a few large images go alone
 
 
 @dataclass(eq=False)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -110,6 +111,27 @@ async def test_an_image_that_kills_its_worker_fails_alone_not_its_batch() -> Non
         Failure("echo", str(i)) for i in range(10) if i != 6
     ]
     assert pool.rebuilds == 2
+
+
+def worker_pid(job: ImageJob) -> ImageResult | Failure:
+    time.sleep(0.002)  # long enough for batches to form
+    return Failure("pid", str(os.getpid()))
+
+
+async def test_a_worker_retires_after_at_most_max_tasks_per_child_images() -> None:
+    # Tasks are batches: counted as tasks, the limit would let a worker's
+    # leaks grow over MAX_BATCH times as many images as configured.
+    settings = PoolSettings(workers=1, max_tasks_per_child=pool_module.MAX_BATCH)
+    pool = ImagePool(
+        make_executor(settings, 1000), fn=worker_pid, workers=1, max_batch=pool_module.MAX_BATCH
+    )
+    try:
+        results = await asyncio.gather(*(pool.process(job(b"x")) for _ in range(60)))
+    finally:
+        await pool.shutdown()
+    per_worker = Counter(r.detail for r in results if isinstance(r, Failure))
+    assert sum(per_worker.values()) == 60
+    assert max(per_worker.values()) <= settings.max_tasks_per_child
 
 
 @pytest.mark.parametrize("workers", [1, 2])
