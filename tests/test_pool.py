@@ -74,7 +74,7 @@ async def test_large_images_go_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     assert executor.batches == [1] * 8
 
 
-async def test_an_exception_is_its_own_images_not_its_batchs() -> None:
+async def test_an_exception_fails_its_own_image_not_its_batch() -> None:
     executor = Counting()
     pool = ImagePool(executor, fn=echo, workers=1, max_batch=8)
     try:
