@@ -43,6 +43,7 @@ from bench import corpus
 from bench.server import StaticServer
 from crawler import imaging
 from crawler.models import Failure, ImageJob, ImageResult
+from crawler.pipeline import WINDOW_BYTES, Window
 from crawler.pool import MAX_BATCH, SINGLE_THREADED, ImagePool, make_executor
 from crawler.settings import Settings
 from crawler.store import Store
@@ -175,17 +176,15 @@ async def _ceiling(paths: Sequence[Path], store: Path | None, workers: int) -> f
     executor = make_executor(pool_settings, settings.image.max_pixels)
     pool = ImagePool(executor, fn=fn, workers=pool_settings.size, max_batch=MAX_BATCH)
     spec = settings.image.thumb_spec()
-    window = asyncio.Semaphore(pool.window)
+    window = Window(pool.window, WINDOW_BYTES)
 
-    async def one(path: Path) -> None:
+    async def one(path: Path, data: bytes) -> None:
         try:
-            # Page-cached, ~50 us: a thread hop would cost the ceiling more than it saves.
-            data = path.read_bytes()  # noqa: ASYNC240
             result = await pool.process(
                 ImageJob(data, spec, settings.image.max_pixels, settings.image.formats)
             )
         finally:
-            window.release()
+            window.release(len(data))
         if isinstance(result, Failure):
             raise SystemExit(f"{path}: {result.kind}: {result.detail}")
 
@@ -194,8 +193,10 @@ async def _ceiling(paths: Sequence[Path], store: Path | None, workers: int) -> f
         started = time.monotonic()
         async with asyncio.TaskGroup() as tasks:
             for path in paths:
-                await window.acquire()
-                tasks.create_task(one(path))
+                # Page-cached, ~50 us: a thread hop would cost the ceiling more than it saves.
+                data = path.read_bytes()
+                await window.acquire(len(data))
+                tasks.create_task(one(path, data))
         return len(paths) / (time.monotonic() - started)
     finally:
         await pool.shutdown()

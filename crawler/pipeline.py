@@ -210,7 +210,7 @@ class _Run:
         self.finished = asyncio.Event()
         # Enough bodies for the pool that no worker waits on the network, and
         # its batches fill while the workers are busy.
-        self.processing = Window(max(4, self.pool.window), WINDOW_BYTES)
+        self.processing = Window(self.pool.window, WINDOW_BYTES)
         # Bodies written to disk at once: the pool moves on while they are stored.
         self.storing = asyncio.Semaphore(16)
         self.tasks: asyncio.TaskGroup | None = None
@@ -283,8 +283,8 @@ class _Run:
     async def fetch(self, item: _Pending) -> None:
         """Scheduler work: one attempt; then retry later, record, or pass the body on."""
         try:
-            if self.settings.hosts.respect_robots and not await self.robots.allowed(
-                item.url, item.origin
+            if self.settings.hosts.respect_robots and not await self.robots.allowed_at(
+                item.origin, item.url
             ):
                 failure = Failure(ErrorKind.ROBOTS, "disallowed by robots.txt")
                 await self._record(self._base(item, failure=failure))

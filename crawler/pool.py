@@ -229,8 +229,9 @@ class ImagePool:
 
     @property
     def window(self) -> int:
-        """Images worth holding for the pool: enough for every batch it can have out, full."""
-        return self._max_out * self._max_batch
+        """Images worth holding for the pool: enough for every batch it can have out, full
+        (and a few for an unbatched pool, so no worker waits on the network)."""
+        return max(4, self._max_out * self._max_batch)
 
     async def process(self, job: ImageJob) -> ImageResult | Failure:
         future: asyncio.Future[ImageResult | Failure] = asyncio.get_running_loop().create_future()

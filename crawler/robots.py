@@ -60,13 +60,6 @@ class _Rules:
     expires: float
 
 
-class _Unset:
-    """``allowed()``'s "origin not given" (None means "the URL has none")."""
-
-
-_UNSET = _Unset()
-
-
 class RobotsCache:
     """Per-origin robots.txt rules with single-flight fetching, a TTL and LRU bound."""
 
@@ -94,18 +87,21 @@ class RobotsCache:
         self._cache: OrderedDict[str, _Rules] = OrderedDict()
         self._inflight: dict[str, asyncio.Task[_Rules]] = {}
 
-    async def allowed(self, url: str, origin: str | _Unset | None = _UNSET) -> bool:
-        """Whether robots.txt lets us fetch ``url`` (``origin``: its ``robots_origin``, if known).
+    async def allowed(self, url: str) -> bool:
+        """Whether robots.txt lets us fetch ``url``.
 
         URLs that are not http(s) or do not parse are allowed without a fetch: there
         is no robots.txt to ask, and the fetch layer reports them as invalid itself.
         """
-        if isinstance(origin, _Unset):
-            try:
-                parts = urlsplit(url)
-                origin = robots_origin(parts.scheme, parts.hostname, parts.port)
-            except ValueError:
-                return True
+        try:
+            parts = urlsplit(url)
+            origin = robots_origin(parts.scheme, parts.hostname, parts.port)
+        except ValueError:
+            return True
+        return await self.allowed_at(origin, url)
+
+    async def allowed_at(self, origin: str | None, url: str) -> bool:
+        """``allowed`` for a caller that has ``url``'s ``robots_origin`` already."""
         if origin is None:
             return True
         rules = await self._rules_for(origin)

@@ -34,7 +34,7 @@ from crawler.models import Record
 log = logging.getLogger(__name__)
 LEDGER = "state.sqlite"
 MANIFEST = "manifest.jsonl"
-# Each stored image once, in the order first seen (the same order on every pass).
+# Each stored image once, in the order first seen.
 DISTINCT_IMAGES = (
     "SELECT sha256, phash FROM (SELECT json_extract(record, '$.sha256') AS sha256,"
     " json_extract(record, '$.phash') AS phash, seq FROM urls WHERE status = 'ok')"

@@ -12,32 +12,29 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def waits_for_release(window: Window, n: int, held: int) -> None:
+    """``acquire(n)`` waits while ``held`` is held, and gets in once it is released."""
+    waiter = asyncio.create_task(window.acquire(n))
+    await settle()
+    assert not waiter.done()
+    window.release(held)
+    await asyncio.wait_for(waiter, 1)
+
+
 async def test_count_bounds_the_window() -> None:
     window = Window(2, 1000)
     await window.acquire(1)
     await window.acquire(1)
-    third = asyncio.create_task(window.acquire(1))
-    await settle()
-    assert not third.done()
-    window.release(1)
-    await asyncio.wait_for(third, 1)
+    await waits_for_release(window, 1, held=1)
 
 
 async def test_bytes_bound_the_window_but_one_large_body_is_always_let_in() -> None:
     window = Window(10, 100)
     await window.acquire(60)
-    second = asyncio.create_task(window.acquire(60))
-    await settle()
-    assert not second.done()  # 120 bytes would be over
-    window.release(60)
-    await asyncio.wait_for(second, 1)
+    await waits_for_release(window, 60, held=60)  # 120 bytes would be over
     window.release(60)
     await asyncio.wait_for(window.acquire(500), 1)  # alone, over the size: let in
-    small = asyncio.create_task(window.acquire(1))
-    await settle()
-    assert not small.done()
-    window.release(500)
-    await asyncio.wait_for(small, 1)
+    await waits_for_release(window, 1, held=500)
 
 
 async def test_a_large_body_is_not_overtaken_by_smaller_ones() -> None:
