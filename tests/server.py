@@ -29,6 +29,7 @@ class LocalServer:
         self.hits: Counter[str] = Counter()
         self.times: defaultdict[str, list[float]] = defaultdict(list)
         self.headers_seen: list[dict[str, str]] = []
+        self.targets: list[str] = []  # request targets as they came on the wire
         self.active: Counter[str] = Counter()  # requests in progress, by Host
         self.peak: Counter[str] = Counter()  # the most ever in progress, by Host
         self.peak_total = 0
@@ -104,6 +105,7 @@ class LocalServer:
         self.hits[request.path] += 1
         self.times[request.path].append(time.monotonic())
         self.headers_seen.append(dict(request.headers))
+        self.targets.append(request.raw_path)
         host = request.host
         self.active[host] += 1
         self.peak[host] = max(self.peak[host], self.active[host])

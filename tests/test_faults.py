@@ -188,6 +188,26 @@ async def test_redirects(
         assert record["final_url"] == server.url("/img/a.gif")
 
 
+async def test_the_request_carries_the_url_as_normalised_not_requoted(
+    server: LocalServer, executor: ProcessPoolExecutor, tmp_path: Path
+) -> None:
+    """Escapes the normaliser keeps (``%3D``, ``%2A``, ``%26``) reach the server as
+    they are: a signed URL's signature covers them. A ``%`` that starts no escape
+    cannot go bare on the wire: it is sent as ``%25``."""
+    server.add("a*b=c.gif", samples.gif_palette(), "image/gif")
+    server.add("50%off.gif", samples.gif_palette(), "image/gif")
+    urls = [
+        server.url("/img/a%2Ab%3dc.gif?sig=x%3D%3D&a=%26"),
+        server.url("/img/50%off.gif"),
+    ]
+    settings = make_settings(tmp_path, fetch=FAST)
+    await crawl(entries(urls), settings, executor=executor)
+    records = by_url(read_manifest(tmp_path))
+    assert [records[u]["status"] for u in urls] == ["ok", "ok"]
+    sent = sorted(t for t in server.targets if t.startswith("/img/"))
+    assert sent == ["/img/50%25off.gif", "/img/a%2Ab%3Dc.gif?sig=x%3D%3D&a=%26"]
+
+
 async def test_html_served_as_jpeg_is_not_an_image(
     server: LocalServer, executor: ProcessPoolExecutor, tmp_path: Path
 ) -> None:
