@@ -10,7 +10,12 @@ In one run, each measurement repeated (median of ``--repeat``):
    workers scale on this machine (the ideal crawl/inline is about that);
 2. crawl: ``python -m crawler`` end to end over the corpus served from
    127.0.0.1, default settings, into a fresh directory;
-3. inline: the same crawl with the image function run on the event loop.
+3. inline: the same crawl with the image function run on the event loop;
+4. the floor: CPU per image of the two things no crawl can skip, fetching the
+   body (plain aiohttp) and writing its files (``Store.write``); with the
+   ceiling and the one-image crawl's fixed cost they give the ideal crawl,
+   the most a crawl could do here, and so the most crawl/ceiling and
+   crawl/inline can be (``ideal_rate``).
 
 Then the memory benchmark (a long URL list against a server answering each
 URL quickly) and the near-duplicate grouping of 1,000,000 hashes. Every crawl
@@ -22,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -36,6 +43,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvloop
 from PIL import Image
 
@@ -234,6 +242,57 @@ def startup(urls: Path) -> float:
     return float(run_measured(cmd)["wall"])
 
 
+def floor_costs(urls: Path, paths: Sequence[Path], run: int) -> dict[str, float]:
+    """CPU ms per image of what no crawl can skip: fetching each body (plain aiohttp,
+    nothing around it, as many at once as the crawler's per-host limit) and writing
+    its files (``Store.write``, fsync included, with a real thumbnail of the first
+    image standing in for each image's)."""
+    fetch = uvloop.run(_fetch_all(urls.read_text().split()))
+    image = Settings().image
+    spec = image.thumb_spec()
+    sample = imaging.process(ImageJob(paths[0].read_bytes(), spec, image.max_pixels, image.formats))
+    assert isinstance(sample, ImageResult)
+    store = Store(WORK / "out" / f"floor-{run}-{time.time_ns()}", spec.ext)
+    bodies = [path.read_bytes() for path in paths]
+    results = [replace(sample, sha256=hashlib.sha256(body).hexdigest()) for body in bodies]
+    before = _cpu()
+    for result, body in zip(results, bodies, strict=True):
+        store.write(result, body)
+    return {"fetch": fetch, "store": (_cpu() - before) / len(paths) * 1000}
+
+
+async def _fetch_all(urls: Sequence[str]) -> float:
+    slots = asyncio.Semaphore(Settings().hosts.per_host)
+
+    async def one(session: aiohttp.ClientSession, url: str) -> None:
+        async with slots, session.get(url) as resp:
+            body = bytearray()
+            async for chunk in resp.content.iter_any():
+                body += chunk
+            if resp.status != 200 or not body:
+                raise SystemExit(f"{url}: {resp.status}, {len(body)} bytes")
+
+    async with aiohttp.ClientSession() as session:
+        before = _cpu()
+        async with asyncio.TaskGroup() as tasks:
+            for url in urls:
+                tasks.create_task(one(session, url))
+        return (_cpu() - before) / len(urls) * 1000
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ideal_rate(n: int, ceiling: float, startup: float, floor_ms: float) -> float:
+    """Images/s of a crawl with no cost of its own beyond ``floor_ms`` of CPU per image
+    (fetch and store) on top of the ceiling's, every core busy from the moment its
+    fixed start-up and shut-down (``startup`` seconds) allow."""
+    core_seconds = n * (CORES / ceiling + floor_ms / 1000)
+    return n / (startup + core_seconds / CORES)
+
+
 def memory_benchmark(server: StaticServer, n: int) -> dict[str, Any]:
     """Peak RSS of the crawl's process tree at 10% and at 100% of a long list of quick URLs."""
     # Written afresh each time: the server's port changes from run to run, and
@@ -314,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "crawl": [],
         "inline": [],
         "startup": [],
+        "floor": [],
     }
     with StaticServer(WORK / "corpus") as server:
         result["server"] = server.kind
@@ -328,13 +388,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs["crawl"].append(crawl_once("crawl", urls, len(paths), False, run))
             runs["inline"].append(crawl_once("inline", urls, len(paths), True, run))
             runs["startup"].append({"seconds": startup(urls)})
+            runs["floor"].append(floor_costs(urls, paths, run))
             print(
                 f"run {run + 1}: ceiling {runs['ceiling'][-1]['images_per_s']:.1f}/s, "
                 f"one worker {runs['one_worker'][-1]['images_per_s']:.1f}/s, "
                 f"with storage {runs['stored'][-1]['images_per_s']:.1f}/s, "
                 f"crawl {runs['crawl'][-1]['images_per_s']:.1f}/s, "
                 f"inline {runs['inline'][-1]['images_per_s']:.1f}/s, "
-                f"one-image crawl {runs['startup'][-1]['seconds']:.2f}s"
+                f"one-image crawl {runs['startup'][-1]['seconds']:.2f}s, "
+                f"fetch {runs['floor'][-1]['fetch']:.2f} + store {runs['floor'][-1]['store']:.2f}"
+                " ms of CPU per image"
             )
         result["server_cpu_s"] = round(server.cpu_seconds() - server_cpu_before, 1)
         if args.long:
@@ -355,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         keys = ("p50", "p99", "max")
         return {k: statistics.median(r["loop_lag_ms"][k] for r in runs[name]) for k in keys}
 
+    floor_ms = med("floor", "fetch") + med("floor", "store")
+    ideal = ideal_rate(len(paths), top, med("startup", "seconds"), floor_ms)
     result["median"] = {
         "ceiling_images_per_s": round(top, 1),
         "ceiling_with_storage_images_per_s": round(stored, 1),
@@ -370,11 +435,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workers_and_forkserver": round(med("crawl", "workers_cpu_ms_per_image"), 2),
         },
         "one_image_crawl_s": round(med("startup", "seconds"), 2),
+        "floor_cpu_ms_per_image": {
+            "fetch": round(med("floor", "fetch"), 2),
+            "store": round(med("floor", "store"), 2),
+        },
+        "ideal_crawl_images_per_s": round(ideal, 1),
         "crawl_loop_lag_ms": lag("crawl"),
         "inline_loop_lag_ms": lag("inline"),
         "crawl_over_ceiling": round(crawl / top, 3),
         "crawl_over_ceiling_with_storage": round(crawl / stored, 3),
         "crawl_over_inline": round(crawl / inline, 2),
+        # The most the ratios can be here: see ideal_rate.
+        "ideal_crawl_over_ceiling": round(ideal / top, 3),
+        "ideal_crawl_over_inline": round(ideal / inline, 2),
     }
     result["runs"] = runs
     if args.hashes:

@@ -246,8 +246,7 @@ def request_url(url: str) -> URL:
     keeps on purpose (``%3D`` sent as ``=``, ``%2A`` as ``*``): a different
     request for a server that tells them apart, a broken signature on a signed
     URL. Only a ``%`` that starts no escape is encoded, as yarl would: it
-    cannot go on the wire bare. Skipping the re-quote also saves the crawl's
-    loop ~4% of its time per URL.
+    cannot go on the wire bare.
     """
     return URL(_STRAY_PERCENT.sub("%25", url), encoded=True)
 
