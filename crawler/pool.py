@@ -313,7 +313,12 @@ class ImagePool:
         workers takes a few hundred milliseconds the loop should not stall for."""
         executor = self._executor
         if isinstance(executor, ProcessPoolExecutor):
-            await asyncio.to_thread(_warm, executor)
+            try:
+                await asyncio.to_thread(_warm, executor)
+            except BrokenProcessPool:
+                # A worker died while starting (killed, out of memory): not a reason
+                # to fail the crawl. A new pool starts as the first images need it.
+                self._rebuild(executor)
 
     def worker_pids(self) -> list[int]:
         """PIDs of the pool's worker processes (for tests that kill one)."""

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import pytest
@@ -111,6 +112,24 @@ async def test_an_image_that_kills_its_worker_fails_alone_not_its_batch() -> Non
         Failure("echo", str(i)) for i in range(10) if i != 6
     ]
     assert pool.rebuilds == 2
+
+
+async def test_a_worker_that_dies_while_the_pool_starts_does_not_fail_the_crawl() -> None:
+    settings = PoolSettings(workers=1)
+
+    def factory() -> Executor:
+        return make_executor(settings, 1000)
+
+    broken = factory()
+    with pytest.raises(BrokenProcessPool):
+        broken.submit(os._exit, 1).result()
+    pool = ImagePool(broken, factory, fn=echo, workers=1)
+    try:
+        await pool.start()
+        assert await pool.process(job(b"after")) == Failure("echo", "after")
+    finally:
+        await pool.shutdown()
+    assert pool.rebuilds == 1
 
 
 def worker_pid(job: ImageJob) -> ImageResult | Failure:
