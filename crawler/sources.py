@@ -253,6 +253,13 @@ def _normalise_escapes(text: str, component: _Component) -> str:
     return component.work.sub(fix, text)
 
 
+def normalise_target(text: str) -> str:
+    """A path with its ``?query``, percent-encoding normalised as ``check_url`` does it
+    (unreserved escapes decoded, hex upper-cased, other characters encoded as UTF-8),
+    so that two spellings of one target compare equal: robots.txt rules and URLs."""
+    return _normalise_escapes(text, _QUERY)
+
+
 def _remove_dot_segments(path: str) -> str:
     """RFC 3986 5.2.4 for an absolute path: "/a/./b/../c" -> "/a/c"."""
     segments = path.split("/")[1:]

@@ -1,4 +1,4 @@
-"""robots.txt cache: status handling, single flight, expiry, eviction and urllib's matching.
+"""robots.txt cache: status handling, single flight, expiry, eviction and RFC 9309 matching.
 
 The network is a fake callback that records every robots.txt URL it is asked for,
 so each test can assert exactly how many fetches happened.
@@ -86,19 +86,57 @@ async def test_allow_overrides_disallow_in_same_group() -> None:
     assert fetch.calls == [ROBOTS]
 
 
-async def test_precedence_is_first_match_not_longest_match() -> None:
-    # RFC 9309 would allow /images/public (the longer rule); urllib takes the first line.
+async def test_the_longest_match_wins_and_allow_wins_a_tie() -> None:
     _, cache = robots("User-agent: *\nDisallow: /images\nAllow: /images/public\n")
-    assert await cache.allowed(f"{SITE}/images/public/a.jpg") is False
+    assert await cache.allowed(f"{SITE}/images/public/a.jpg") is True
+    assert await cache.allowed(f"{SITE}/images/secret/a.jpg") is False
     _, cache = robots("User-agent: *\nAllow: /\nDisallow: /private\n")
-    assert await cache.allowed(f"{SITE}/private/a.jpg") is True
-
-
-async def test_agent_names_match_case_insensitively_by_substring() -> None:
-    _, cache = robots("User-agent: CRAWLER\nDisallow: /\n")
-    assert await cache.allowed(f"{SITE}/a.jpg") is False
-    _, cache = robots("User-agent: image-crawler-pro\nDisallow: /\n")
+    assert await cache.allowed(f"{SITE}/private/a.jpg") is False
     assert await cache.allowed(f"{SITE}/a.jpg") is True
+    _, cache = robots("User-agent: *\nDisallow: /a\nAllow: /a\n")
+    assert await cache.allowed(f"{SITE}/a.jpg") is True
+    # A wildcard pattern's length is its own, not that of what it matched.
+    _, cache = robots("User-agent: *\nAllow: /*.jpg\nDisallow: /private/\n")
+    assert await cache.allowed(f"{SITE}/private/a.jpg") is False
+    assert await cache.allowed(f"{SITE}/other/a.jpg") is True
+
+
+async def test_agent_lines_name_the_product_token_case_insensitively() -> None:
+    _, cache = robots("User-agent: Image-Crawler/2.0\nDisallow: /\n")
+    assert await cache.allowed(f"{SITE}/a.jpg") is False
+    # Not a substring match (urllib's): these name other crawlers.
+    for other in ("CRAWLER", "image-crawler-pro", "image"):
+        _, cache = robots(f"User-agent: {other}\nDisallow: /\n")
+        assert await cache.allowed(f"{SITE}/a.jpg") is True, other
+
+
+async def test_groups_that_name_us_are_merged_and_replace_the_star_groups() -> None:
+    text = (
+        "User-agent: image-crawler\nDisallow: /one\n\n"
+        "User-agent: *\nDisallow: /everyone\n\n"
+        "User-agent: otherbot\nUser-agent: image-crawler\nDisallow: /two\n"
+    )
+    _, cache = robots(text)
+    assert await cache.allowed(f"{SITE}/one/a.jpg") is False
+    assert await cache.allowed(f"{SITE}/two/a.jpg") is False
+    assert await cache.allowed(f"{SITE}/everyone/a.jpg") is True
+
+
+async def test_a_group_that_names_us_with_no_rules_allows_everything() -> None:
+    _, cache = robots("User-agent: image-crawler\nDisallow:\n\nUser-agent: *\nDisallow: /\n")
+    assert await cache.allowed(f"{SITE}/a.jpg") is True
+
+
+async def test_rules_outside_any_group_and_other_lines_are_ignored() -> None:
+    text = (
+        "Disallow: /before-any-group\nSitemap: https://site.example/map.xml\n"
+        "User-agent: *  # everyone\nCrawl-delay: 5\nDisallow: /tmp  # scratch\n"
+        "Disallow: not-a-path\n"
+    )
+    _, cache = robots(text)
+    assert await cache.allowed(f"{SITE}/before-any-group/a.jpg") is True
+    assert await cache.allowed(f"{SITE}/tmp/a.jpg") is False
+    assert await cache.allowed(f"{SITE}/not-a-path") is True
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 410])
@@ -266,15 +304,15 @@ async def test_entries_expire_after_ttl() -> None:
     assert fetch.calls == [ROBOTS, ROBOTS]
 
 
-async def test_query_strings_match_as_urllib_does() -> None:
+async def test_query_strings_take_part_in_matching() -> None:
     fetch, cache = robots("User-agent: *\nDisallow: /search?q=\nDisallow: /img?size=large\n")
     assert await cache.allowed(f"{SITE}/search?q=cats") is False
     assert await cache.allowed(f"{SITE}/search") is True
     assert await cache.allowed(f"{SITE}/search?page=2&q=cats") is True
     assert await cache.allowed(f"{SITE}/img?size=large&fmt=jpg") is False
     assert await cache.allowed(f"{SITE}/img?size=small") is True
-    # urllib decodes before splitting, so an encoded "?" counts as a real one.
-    assert await cache.allowed(f"{SITE}/search%3Fq%3Dcats") is False
+    # An encoded "?" is part of the path, not the start of a query.
+    assert await cache.allowed(f"{SITE}/search%3Fq%3Dcats") is True
     assert fetch.calls == [ROBOTS]
 
 
@@ -285,9 +323,10 @@ async def test_fragment_takes_no_part_in_matching() -> None:
     assert await cache.allowed(f"{SITE}/page%23secret") is False
 
 
-async def test_percent_encoding_matches_as_urllib_does() -> None:
+async def test_percent_encoding_is_normalised_on_both_sides() -> None:
     text = (
         "User-agent: *\nDisallow: /caf%C3%A9\nDisallow: /a b\nDisallow: /%7euser\nDisallow: /x/y\n"
+        "Disallow: /naïve\n"
     )
     fetch, cache = robots(text)
     assert await cache.allowed(f"{SITE}/café/menu.jpg") is False
@@ -297,15 +336,23 @@ async def test_percent_encoding_matches_as_urllib_does() -> None:
     assert await cache.allowed(f"{SITE}/a%20b.jpg") is False
     assert await cache.allowed(f"{SITE}/~user/a.jpg") is False
     assert await cache.allowed(f"{SITE}/%7Euser/a.jpg") is False
-    # RFC 9309 keeps %2F distinct from "/"; urllib does not.
-    assert await cache.allowed(f"{SITE}/x%2Fy.jpg") is False
+    assert await cache.allowed(f"{SITE}/na%C3%AFve.jpg") is False
+    # RFC 9309 keeps %2F distinct from "/".
+    assert await cache.allowed(f"{SITE}/x%2Fy.jpg") is True
+    assert await cache.allowed(f"{SITE}/x/y.jpg") is False
     assert fetch.calls == [ROBOTS]
 
 
-async def test_wildcards_are_literal_in_urllib() -> None:
-    _, cache = robots("User-agent: *\nDisallow: /*.jpg$\nDisallow: /*?\n")
+async def test_star_matches_any_run_and_a_final_dollar_the_end() -> None:
+    _, cache = robots("User-agent: *\nDisallow: /*.gif$\nDisallow: /*?\nDisallow: /a*/b$c\n")
+    assert await cache.allowed(f"{SITE}/a.gif") is False
+    assert await cache.allowed(f"{SITE}/deep/er/a.gif") is False
+    assert await cache.allowed(f"{SITE}/a.gifs") is True
     assert await cache.allowed(f"{SITE}/a.jpg") is True
-    assert await cache.allowed(f"{SITE}/a?b=c") is True
+    assert await cache.allowed(f"{SITE}/a.jpg?size=1") is False
+    # "$" anywhere but at the end is an ordinary character.
+    assert await cache.allowed(f"{SITE}/ax/b$c/d.jpg") is False
+    assert await cache.allowed(f"{SITE}/ax/bc/d.jpg") is True
 
 
 async def test_blank_lines_and_bom_do_not_drop_rules() -> None:

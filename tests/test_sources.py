@@ -10,7 +10,7 @@ import pytest
 import yarl
 
 from crawler.models import UrlEntry
-from crawler.sources import SourceError, check_url, open_source
+from crawler.sources import SourceError, check_url, normalise_target, open_source
 
 
 async def collect(path: Path, fmt: str = "auto") -> list[UrlEntry]:
@@ -463,3 +463,14 @@ def test_check_url_long_inputs_stay_fast() -> None:
     for raw in worst:
         check_url(raw)
     assert time.perf_counter() - start < 1.0  # about 10 ms in all; guards against quadratic work
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/caf%c3%a9/a.jpg?q=%7e", '/café/"b".jpg', "/x%2Fy?a=%3D&b=%26", "/50%off", "/%41%2a"],
+)
+def test_normalise_target_spells_a_target_as_check_url_does(target: str) -> None:
+    key, _ = check_url(f"http://h.example{target}")
+    assert key is not None
+    assert normalise_target(target) == key.removeprefix("http://h.example")
+    assert normalise_target(normalise_target(target)) == normalise_target(target)
