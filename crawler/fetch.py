@@ -18,7 +18,6 @@ download early.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -33,10 +32,10 @@ from crawler.guard import AddressPolicy, GuardedResolver, blocked_cause, guard_m
 from crawler.models import Failure, Fetched, FetchFailed, NotModified
 from crawler.probe import SNIFF_BYTES, Limits, check_geometry, dimensions, sniff
 from crawler.settings import Settings
+from crawler.sources import STRAY_PERCENT
 
 PROBE_LIMIT = 1024 * 1024  # stop looking for a header after this many bytes
 ROBOTS_MAX_BYTES = 512 * 1024
-_STRAY_PERCENT = re.compile("%(?![0-9A-Fa-f]{2})")
 _MIME_SUBTYPES = {
     "JPEG": "jpeg",
     "PNG": "png",
@@ -248,7 +247,7 @@ def request_url(url: str) -> URL:
     URL. Only a ``%`` that starts no escape is encoded, as yarl would: it
     cannot go on the wire bare.
     """
-    return URL(_STRAY_PERCENT.sub("%25", url), encoded=True)
+    return URL(STRAY_PERCENT.sub("%25", url), encoded=True)
 
 
 class _Progress:

@@ -214,7 +214,8 @@ class _Component:
 _USERINFO = _Component(_USERINFO_OK)
 _PATH = _Component(_PATH_OK)
 _QUERY = _Component(_QUERY_OK)
-_STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# A "%" that starts no escape (also what fetch.request_url encodes).
+STRAY_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _BYTE_ESCAPE = [f"%{b:02X}" for b in range(256)]
 
 
@@ -241,7 +242,7 @@ def _normalise_escapes(text: str, component: _Component) -> str:
     if not component.other.search(text):
         return text
     escapes = _ESCAPE_DECODED
-    if _STRAY_PERCENT.search(text):
+    if STRAY_PERCENT.search(text):
         escapes = _ESCAPE_DECODED_BUT_HEX
 
     def fix(match: re.Match[str]) -> str:

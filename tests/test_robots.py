@@ -86,28 +86,29 @@ async def test_allow_overrides_disallow_in_same_group() -> None:
     assert fetch.calls == [ROBOTS]
 
 
+async def verdicts(text: str, *paths: str) -> list[bool]:
+    """Whether each path of SITE is allowed under robots.txt ``text``."""
+    _, cache = robots(text)
+    return [await cache.allowed(f"{SITE}{path}") for path in paths]
+
+
 async def test_the_longest_match_wins_and_allow_wins_a_tie() -> None:
-    _, cache = robots("User-agent: *\nDisallow: /images\nAllow: /images/public\n")
-    assert await cache.allowed(f"{SITE}/images/public/a.jpg") is True
-    assert await cache.allowed(f"{SITE}/images/secret/a.jpg") is False
-    _, cache = robots("User-agent: *\nAllow: /\nDisallow: /private\n")
-    assert await cache.allowed(f"{SITE}/private/a.jpg") is False
-    assert await cache.allowed(f"{SITE}/a.jpg") is True
-    _, cache = robots("User-agent: *\nDisallow: /a\nAllow: /a\n")
-    assert await cache.allowed(f"{SITE}/a.jpg") is True
+    paths = ("/images/public/a.jpg", "/images/secret/a.jpg")
+    text = "User-agent: *\nDisallow: /images\nAllow: /images/public\n"
+    assert await verdicts(text, *paths) == [True, False]
+    text = "User-agent: *\nAllow: /\nDisallow: /private\n"
+    assert await verdicts(text, "/private/a.jpg", "/a.jpg") == [False, True]
+    assert await verdicts("User-agent: *\nDisallow: /a\nAllow: /a\n", "/a.jpg") == [True]
     # A wildcard pattern's length is its own, not that of what it matched.
-    _, cache = robots("User-agent: *\nAllow: /*.jpg\nDisallow: /private/\n")
-    assert await cache.allowed(f"{SITE}/private/a.jpg") is False
-    assert await cache.allowed(f"{SITE}/other/a.jpg") is True
+    text = "User-agent: *\nAllow: /*.jpg\nDisallow: /private/\n"
+    assert await verdicts(text, "/private/a.jpg", "/other/a.jpg") == [False, True]
 
 
 async def test_agent_lines_name_the_product_token_case_insensitively() -> None:
-    _, cache = robots("User-agent: Image-Crawler/2.0\nDisallow: /\n")
-    assert await cache.allowed(f"{SITE}/a.jpg") is False
+    assert await verdicts("User-agent: Image-Crawler/2.0\nDisallow: /\n", "/a.jpg") == [False]
     # Not a substring match (urllib's): these name other crawlers.
     for other in ("CRAWLER", "image-crawler-pro", "image"):
-        _, cache = robots(f"User-agent: {other}\nDisallow: /\n")
-        assert await cache.allowed(f"{SITE}/a.jpg") is True, other
+        assert await verdicts(f"User-agent: {other}\nDisallow: /\n", "/a.jpg") == [True], other
 
 
 async def test_groups_that_name_us_are_merged_and_replace_the_star_groups() -> None:
@@ -116,15 +117,13 @@ async def test_groups_that_name_us_are_merged_and_replace_the_star_groups() -> N
         "User-agent: *\nDisallow: /everyone\n\n"
         "User-agent: otherbot\nUser-agent: image-crawler\nDisallow: /two\n"
     )
-    _, cache = robots(text)
-    assert await cache.allowed(f"{SITE}/one/a.jpg") is False
-    assert await cache.allowed(f"{SITE}/two/a.jpg") is False
-    assert await cache.allowed(f"{SITE}/everyone/a.jpg") is True
+    paths = ("/one/a.jpg", "/two/a.jpg", "/everyone/a.jpg")
+    assert await verdicts(text, *paths) == [False, False, True]
 
 
 async def test_a_group_that_names_us_with_no_rules_allows_everything() -> None:
-    _, cache = robots("User-agent: image-crawler\nDisallow:\n\nUser-agent: *\nDisallow: /\n")
-    assert await cache.allowed(f"{SITE}/a.jpg") is True
+    text = "User-agent: image-crawler\nDisallow:\n\nUser-agent: *\nDisallow: /\n"
+    assert await verdicts(text, "/a.jpg") == [True]
 
 
 async def test_rules_outside_any_group_and_other_lines_are_ignored() -> None:
@@ -133,10 +132,8 @@ async def test_rules_outside_any_group_and_other_lines_are_ignored() -> None:
         "User-agent: *  # everyone\nCrawl-delay: 5\nDisallow: /tmp  # scratch\n"
         "Disallow: not-a-path\n"
     )
-    _, cache = robots(text)
-    assert await cache.allowed(f"{SITE}/before-any-group/a.jpg") is True
-    assert await cache.allowed(f"{SITE}/tmp/a.jpg") is False
-    assert await cache.allowed(f"{SITE}/not-a-path") is True
+    paths = ("/before-any-group/a.jpg", "/tmp/a.jpg", "/not-a-path")
+    assert await verdicts(text, *paths) == [True, False, True]
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 410])
@@ -344,15 +341,11 @@ async def test_percent_encoding_is_normalised_on_both_sides() -> None:
 
 
 async def test_star_matches_any_run_and_a_final_dollar_the_end() -> None:
-    _, cache = robots("User-agent: *\nDisallow: /*.gif$\nDisallow: /*?\nDisallow: /a*/b$c\n")
-    assert await cache.allowed(f"{SITE}/a.gif") is False
-    assert await cache.allowed(f"{SITE}/deep/er/a.gif") is False
-    assert await cache.allowed(f"{SITE}/a.gifs") is True
-    assert await cache.allowed(f"{SITE}/a.jpg") is True
-    assert await cache.allowed(f"{SITE}/a.jpg?size=1") is False
+    text = "User-agent: *\nDisallow: /*.gif$\nDisallow: /*?\nDisallow: /a*/b$c\n"
+    paths = ("/a.gif", "/deep/er/a.gif", "/a.gifs", "/a.jpg", "/a.jpg?size=1")
+    assert await verdicts(text, *paths) == [False, False, True, True, False]
     # "$" anywhere but at the end is an ordinary character.
-    assert await cache.allowed(f"{SITE}/ax/b$c/d.jpg") is False
-    assert await cache.allowed(f"{SITE}/ax/bc/d.jpg") is True
+    assert await verdicts(text, "/ax/b$c/d.jpg", "/ax/bc/d.jpg") == [False, True]
 
 
 async def test_blank_lines_and_bom_do_not_drop_rules() -> None:
