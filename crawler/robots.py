@@ -17,9 +17,9 @@ Matching follows RFC 9309:
   the end of the path; patterns match from the start of the path and its query.
   An empty ``Disallow:`` disallows nothing.
 * Both sides are compared after the URL normaliser's percent-encoding
-  (``sources.normalise_target``): ``%7E`` is ``~`` and ``é`` is ``%C3%A9``, but
-  ``%2F`` stays distinct from ``/`` and ``%3F`` from ``?``. The fragment takes
-  no part.
+  (``check_url`` for URLs, ``normalise_target`` for rules): ``%7E`` is ``~``
+  and ``é`` is ``%C3%A9``, but ``%2F`` stays distinct from ``/`` and ``%3F``
+  from ``?``. The fragment takes no part.
 
 Statuses: 2xx is parsed; a 4xx other than 429 means there are no rules: allow all.
 5xx, 429, any other status, a network failure (``None``) or a callback exception
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
-from crawler.sources import normalise_target
+from crawler.sources import check_url, normalise_target
 
 log = logging.getLogger(__name__)
 
@@ -115,24 +115,26 @@ class RobotsCache:
     async def allowed(self, url: str) -> bool:
         """Whether robots.txt lets us fetch ``url``.
 
-        URLs that are not http(s) or do not parse are allowed without a fetch: there
-        is no robots.txt to ask, and the fetch layer reports them as invalid itself.
+        URLs that ``check_url`` rejects (not http(s), no host, malformed) are allowed
+        without a fetch: there is no robots.txt to ask, and the crawl records them
+        as invalid itself.
         """
-        try:
-            parts = urlsplit(url)
-            origin = robots_origin(parts.scheme, parts.hostname, parts.port)
-        except ValueError:
+        key, _ = check_url(url)
+        if key is None:
             return True
-        return await self.allowed_at(origin, url)
+        parts = urlsplit(key)
+        return await self.allowed_at(robots_origin(parts.scheme, parts.hostname, parts.port), key)
 
-    async def allowed_at(self, origin: str | None, url: str) -> bool:
-        """``allowed`` for a caller that has ``url``'s ``robots_origin`` already."""
+    async def allowed_at(self, origin: str | None, key: str) -> bool:
+        """``allowed`` for a URL already normalised by ``check_url`` (the crawl's key),
+        whose ``robots_origin`` the caller has."""
         if origin is None:
             return True
         rules = (await self._rules_for(origin)).rules
         if not rules:
             return True
-        return allows(rules, _target(url))
+        # The key's path and query: normalised as the rules are, with no fragment.
+        return allows(rules, key[key.index("/", key.index("//") + 2) :])
 
     async def _rules_for(self, origin: str) -> _Rules:
         rules = self._cache.get(origin)
@@ -239,10 +241,3 @@ def allows(rules: tuple[Rule, ...], target: str) -> bool:
         if rule.matches(target):
             return rule.allow
     return True
-
-
-def _target(url: str) -> str:
-    """What a rule is matched against: the normalised path and query, no fragment."""
-    parts = urlsplit(url.partition("#")[0])
-    path = parts.path or "/"
-    return normalise_target(f"{path}?{parts.query}" if parts.query else path)
